@@ -1,0 +1,33 @@
+# The two commands: `make demo` (the local demo) and `make test` (lint, types, tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test soak bench-emulator clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cpworker demo
+
+test: $(STAMP)
+	$(BIN)/ruff check cpworker tests benchmarks
+	$(BIN)/ruff format --check cpworker tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+soak: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+bench-emulator: $(STAMP)
+	$(BIN)/python benchmarks/emulator_load.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

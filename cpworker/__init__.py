@@ -1,0 +1,3 @@
+"""cpworker: a job worker pool for AWS CodePipeline custom actions."""
+
+__version__ = "0.1.0"

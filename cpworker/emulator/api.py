@@ -1,0 +1,245 @@
+"""The CodePipeline JSON 1.1 API of the emulator: one handler per operation.
+
+`POST /` with ``X-Amz-Target: CodePipeline_20150709.<Operation>``. Every request must be
+SigV4-signed (an ``AWS4-HMAC-SHA256`` Authorization header); its body is validated against
+botocore's service model before the job state machine sees it. Errors are HTTP 400 (500 or
+503 for injected server faults) with ``{"__type": ..., "message": ...}``, as AWS answers,
+so botocore raises the right exception class.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import anyio
+import msgspec
+from aiohttp import web
+
+from cpworker.emulator.faults import Faults
+from cpworker.emulator.jobs import ApiError, JobRecord, JobStore, action_key
+from cpworker.emulator.s3 import ACCOUNT_ID, S3Side
+from cpworker.emulator.validation import RequestValidator, SerializationError, validation_message
+
+TARGET_PREFIX = "CodePipeline_20150709."
+CONTENT_TYPE = "application/x-amz-json-1.1"
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+_FAULT_ANSWERS = {
+    "throttle": (400, "ThrottlingException", "Rate exceeded"),
+    "error_500": (500, "InternalFailure", "The request processing has failed"),
+    "error_503": (503, "ServiceUnavailable", "The service is unavailable; try again"),
+}
+
+
+class CodePipelineApi:
+    """Handlers of the job operations over one `JobStore`."""
+
+    def __init__(self, store: JobStore, faults: Faults, s3: S3Side) -> None:
+        self.store = store
+        self.faults = faults
+        self.s3 = s3
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self._handlers: dict[str, Handler] = {
+            "PollForJobs": self.poll_for_jobs,
+            "AcknowledgeJob": self.acknowledge_job,
+            "GetJobDetails": self.get_job_details,
+            "PutJobSuccessResult": partial(self.put_result, "PutJobSuccessResult"),
+            "PutJobFailureResult": partial(self.put_result, "PutJobFailureResult"),
+            "PollForThirdPartyJobs": self.poll_for_third_party_jobs,
+            "AcknowledgeThirdPartyJob": self.acknowledge_third_party_job,
+            "GetThirdPartyJobDetails": self.get_third_party_job_details,
+            "PutThirdPartyJobSuccessResult": partial(
+                self.put_result, "PutThirdPartyJobSuccessResult"
+            ),
+            "PutThirdPartyJobFailureResult": partial(
+                self.put_result, "PutThirdPartyJobFailureResult"
+            ),
+            "CreateCustomActionType": self.create_custom_action_type,
+            "ListActionTypes": self.list_action_types,
+            "DeleteCustomActionType": self.delete_custom_action_type,
+        }
+        self._validator = RequestValidator(list(self._handlers))
+
+    # --- HTTP ----------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one JSON 1.1 request, with fault injection and request accounting."""
+        target = request.headers.get("X-Amz-Target", "")
+        operation = target.removeprefix(TARGET_PREFIX)
+        body = await request.read()
+        try:
+            self._check_signed(request)
+            if operation not in self._handlers or not target.startswith(TARGET_PREFIX):
+                raise ApiError("UnknownOperationException", f"Unknown operation {target!r}")
+            delay = self.faults.latency(operation)
+            if delay:
+                await anyio.sleep(delay)
+            fault = self.faults.draw(operation)
+            if fault == "drop":
+                return self._drop(request, operation)
+            if fault in _FAULT_ANSWERS:
+                status, code, message = _FAULT_ANSWERS[fault]
+                raise ApiError(code, message, status)
+            answer = await self._handlers[operation](self._parse(operation, body))
+        except ApiError as exc:
+            self.requests[(operation or "?", exc.code)] += 1
+            return _error(exc)
+        self.requests[(operation, "ok")] += 1
+        if fault == "drop_response":
+            return self._drop(request, operation)
+        return _json(answer)
+
+    @staticmethod
+    def _check_signed(request: web.Request) -> None:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("AWS4-HMAC-SHA256 Credential="):
+            raise ApiError(
+                "MissingAuthenticationTokenException",
+                "Request is missing a SigV4 Authorization header (AWS4-HMAC-SHA256)",
+                403,
+            )
+
+    def _parse(self, operation: str, body: bytes) -> dict[str, Any]:
+        try:
+            params = msgspec.json.decode(body or b"{}")
+            errors = self._validator.errors(operation, params)
+        except (msgspec.DecodeError, SerializationError) as exc:
+            raise ApiError("SerializationException", str(exc)) from None
+        if errors:
+            raise ApiError("ValidationException", validation_message(errors))
+        assert isinstance(params, dict)
+        return params
+
+    def _drop(self, request: web.Request, operation: str) -> web.StreamResponse:
+        self.requests[(operation, "dropped")] += 1
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=499)
+
+    # --- custom action jobs --------------------------------------------------------
+
+    def _job_wire(self, job: JobRecord, nonce: str | None) -> dict[str, Any]:
+        data = dict(job.data, artifactCredentials=job.credentials) if job.credentials else job.data
+        wire: dict[str, Any] = {"id": job.id, "data": data, "accountId": ACCOUNT_ID}
+        if nonce is not None:
+            wire["nonce"] = nonce
+        return wire
+
+    def _issued_nonce(self, job: JobRecord, operation: str) -> str | None:
+        if job.nonce is not None and self.faults.wrong_nonce(operation):
+            return f"{job.nonce}-stale"
+        return job.nonce
+
+    async def poll_for_jobs(self, p: dict[str, Any]) -> dict[str, Any]:
+        jobs = self.store.poll(
+            action_key(p["actionTypeId"]),
+            p.get("maxBatchSize", 1),
+            p.get("queryParam") or {},
+            third_party=False,
+        )
+        return {"jobs": [self._job_wire(j, self._issued_nonce(j, "PollForJobs")) for j in jobs]}
+
+    async def acknowledge_job(self, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.store.get(p["jobId"], third_party=False)
+        return {"status": self.store.acknowledge(job, p["nonce"])}
+
+    async def _refresh_credentials(self, job: JobRecord) -> None:
+        job.credentials = await self.s3.mint_credentials()
+        self.store.advance()
+
+    async def get_job_details(self, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.store.get(p["jobId"], third_party=False)
+        await self._refresh_credentials(job)
+        wire = self._job_wire(job, None)
+        return {"jobDetails": wire}
+
+    async def put_result(self, operation: str, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.store.get(p["jobId"], "ThirdParty" in operation, p.get("clientToken"))
+        self.store.put_result(job, operation, p)
+        return {}
+
+    # --- third-party jobs ----------------------------------------------------------
+
+    async def poll_for_third_party_jobs(self, p: dict[str, Any]) -> dict[str, Any]:
+        jobs = self.store.poll(
+            action_key(p["actionTypeId"]), p.get("maxBatchSize", 1), {}, third_party=True
+        )
+        return {"jobs": [{"clientId": j.client_id, "jobId": j.id} for j in jobs]}
+
+    async def acknowledge_third_party_job(self, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.store.get(p["jobId"], True, p["clientToken"])
+        return {"status": self.store.acknowledge(job, p["nonce"])}
+
+    async def get_third_party_job_details(self, p: dict[str, Any]) -> dict[str, Any]:
+        job = self.store.get(p["jobId"], True, p["clientToken"])
+        await self._refresh_credentials(job)
+        wire = self._job_wire(job, self._issued_nonce(job, "GetThirdPartyJobDetails"))
+        del wire["accountId"]
+        return {"jobDetails": wire}
+
+    # --- action types --------------------------------------------------------------
+
+    async def create_custom_action_type(self, p: dict[str, Any]) -> dict[str, Any]:
+        definition = {
+            "id": {
+                "category": p["category"],
+                "owner": "Custom",
+                "provider": p["provider"],
+                "version": p["version"],
+            },
+            "settings": p.get("settings", {}),
+            "actionConfigurationProperties": p.get("configurationProperties", []),
+            "inputArtifactDetails": p["inputArtifactDetails"],
+            "outputArtifactDetails": p["outputArtifactDetails"],
+        }
+        queryable = [c for c in definition["actionConfigurationProperties"] if c.get("queryable")]
+        if len(queryable) > 1:
+            raise ApiError(
+                "ValidationException", "An action type can have at most one queryable property"
+            )
+        record = self.store.register_action_type(definition)
+        return {"actionType": record.definition, "tags": p.get("tags", [])}
+
+    async def list_action_types(self, p: dict[str, Any]) -> dict[str, Any]:
+        owner = p.get("actionOwnerFilter")
+        types = [
+            r.definition for r in self.store.action_types.values() if owner in (None, r.key[1])
+        ]
+        return {"actionTypes": types}
+
+    async def delete_custom_action_type(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.store.delete_action_type((p["category"], "Custom", p["provider"], p["version"]))
+        return {}
+
+    # --- helpers -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (op, outcome), n in sorted(self.requests.items()):
+            out.setdefault(op, {})[outcome] = n
+        return out
+
+
+def _json(answer: dict[str, Any]) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(answer),
+        headers={"Content-Type": CONTENT_TYPE, "x-amzn-RequestId": str(uuid.uuid4())},
+    )
+
+
+def _error(exc: ApiError) -> web.Response:
+    body = {"__type": exc.code, "message": exc.message}
+    return web.Response(
+        status=exc.status,
+        body=msgspec.json.encode(body),
+        headers={
+            "Content-Type": CONTENT_TYPE,
+            "x-amzn-RequestId": str(uuid.uuid4()),
+            "x-amzn-ErrorType": exc.code,
+        },
+    )

@@ -1,0 +1,127 @@
+"""Start the emulator as a subprocess and talk to its admin API.
+
+Used by the demo, the tests and the benchmarks::
+
+    async with EmulatorProcess.start() as emulator:
+        ids = await emulator.admin.create_jobs({"actionTypeId": {...}, "count": 3})
+        print(await emulator.admin.stats())
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import anyio
+from anyio.abc import Process
+
+from cpworker.errors import CpWorkerError
+
+
+class EmulatorError(CpWorkerError):
+    """The emulator could not be started, or its admin API refused a call."""
+
+
+class AdminClient:
+    """The emulator's admin API (`/_emulator/`), plain JSON over HTTP."""
+
+    def __init__(self, base_url: str, http: aiohttp.ClientSession) -> None:
+        self._base = base_url.rstrip("/")
+        self._http = http
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        url = f"{self._base}/{path}"
+        async with self._http.request(method, url, json=body) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise EmulatorError(f"{method} {url} answered {resp.status}: {text}")
+            return json.loads(text)
+
+    async def create_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`POST /_emulator/jobs`: returns `{"jobIds": [...]}` (and `clientTokens`)."""
+        answer: dict[str, Any] = await self._request("POST", "jobs", spec)
+        return answer
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """`GET /_emulator/jobs/{id}`: the job's status and full history."""
+        answer: dict[str, Any] = await self._request("GET", f"jobs/{job_id}")
+        return answer
+
+    async def jobs(self, status: str | None = None, provider: str | None = None) -> list[Any]:
+        """`GET /_emulator/jobs`: ids and status, optionally filtered."""
+        query = "&".join(
+            f"{k}={v}" for k, v in (("status", status), ("provider", provider)) if v is not None
+        )
+        answer = await self._request("GET", f"jobs?{query}" if query else "jobs")
+        jobs: list[Any] = answer["jobs"]
+        return jobs
+
+    async def stats(self) -> dict[str, Any]:
+        """`GET /_emulator/stats`: jobs by status, requests, faults injected."""
+        answer: dict[str, Any] = await self._request("GET", "stats")
+        return answer
+
+    async def set_faults(self, update: dict[str, Any]) -> dict[str, Any]:
+        """`POST /_emulator/faults`: change fault injection; returns the settings."""
+        answer: dict[str, Any] = await self._request("POST", "faults", update)
+        return answer
+
+
+@dataclass
+class EmulatorProcess:
+    """A running `cpworker emulator` subprocess and its endpoint URLs."""
+
+    process: Process
+    codepipeline: str
+    s3: str
+    admin: AdminClient
+
+    @classmethod
+    @asynccontextmanager
+    async def start(
+        cls, extra_args: Sequence[str] = (), startup_timeout_s: float = 60.0
+    ) -> AsyncIterator[EmulatorProcess]:
+        """Run the emulator on free ports of 127.0.0.1; stop it (SIGTERM) on exit."""
+        command = [sys.executable, "-m", "cpworker", "emulator", "--port", "0", "--s3-port", "0"]
+        # stderr is inherited, so the emulator's own errors show where the caller runs.
+        async with await anyio.open_process([*command, *extra_args], stderr=None) as process:
+            try:
+                with anyio.fail_after(startup_timeout_s):
+                    endpoints = await _read_endpoints(process)
+                async with aiohttp.ClientSession() as http:
+                    admin = AdminClient(endpoints["admin"], http)
+                    yield cls(process, endpoints["codepipeline"], endpoints["s3"], admin)
+            finally:
+                await _stop(process)
+
+
+async def _read_endpoints(process: Process) -> dict[str, str]:
+    assert process.stdout is not None
+    line = b""
+    async for chunk in process.stdout:
+        line += chunk
+        if b"\n" in line:
+            break
+    try:
+        endpoints: dict[str, str] = json.loads(line.split(b"\n", 1)[0])
+    except json.JSONDecodeError:
+        raise EmulatorError(
+            f"the emulator did not print its endpoints (its errors are on stderr): {line[:500]!r}"
+        ) from None
+    return endpoints
+
+
+async def _stop(process: Process) -> None:
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.terminate()
+            with anyio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
