@@ -84,7 +84,7 @@ class S3Side:
             region_name=REGION,
             endpoint_url=self.url,
             aws_access_key_id="bootstrap",
-            aws_secret_access_key="bootstrap",
+            aws_secret_access_key="bootstrap",  # noqa: S106 - moto accepts any key before auth is on
         ) as iam:
             await iam.create_user(UserName="cpworker-emulator")
             await iam.put_user_policy(

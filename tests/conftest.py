@@ -1,0 +1,122 @@
+"""Shared fixtures: one emulator subprocess for the session, clients that talk to it.
+
+Every test gets its own action type (a unique provider name), so tests sharing the
+emulator never see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import anyio
+import boto3
+import pytest
+from aiobotocore.session import AioSession
+from botocore.config import Config
+
+from cpworker import models as m
+from cpworker.control_plane import ControlPlane, ControlPlaneSettings
+from cpworker.emulator.client import AdminClient, EmulatorProcess
+
+# The emulator accepts any SigV4 identity; tests sign as this one.
+TEST_KEY_ID = "AKIDCPWORKERTESTS"
+TEST_SECRET = "test-secret"  # not a secret: the emulator takes any key
+
+
+@pytest.fixture(scope="session")
+async def emulator() -> AsyncIterator[EmulatorProcess]:
+    async with EmulatorProcess.start(["--continuation-delay-s", "0.2"]) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def admin(emulator: EmulatorProcess) -> AdminClient:
+    return emulator.admin
+
+
+@pytest.fixture
+def action_type() -> m.ActionTypeId:
+    """A fresh action type id (unique provider), not yet registered."""
+    return m.ActionTypeId(
+        category="Test", owner="Custom", provider=f"T{uuid.uuid4().hex[:20]}", version="1"
+    )
+
+
+@pytest.fixture
+def third_party_action_type() -> m.ActionTypeId:
+    return m.ActionTypeId(
+        category="Deploy", owner="ThirdParty", provider=f"P{uuid.uuid4().hex[:20]}", version="1"
+    )
+
+
+def aio_session() -> AioSession:
+    session = AioSession()
+    session.set_credentials(TEST_KEY_ID, TEST_SECRET)
+    return session
+
+
+@pytest.fixture(scope="session")
+async def cp(emulator: EmulatorProcess) -> AsyncIterator[ControlPlane]:
+    """The project's async client, retrying like production (standard mode)."""
+    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline, max_attempts=3)
+    async with ControlPlane.open(settings, aio_session()) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def cp_no_retry(emulator: EmulatorProcess) -> AsyncIterator[ControlPlane]:
+    """The project's async client with botocore retries off: each call is one request."""
+    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline, max_attempts=1)
+    async with ControlPlane.open(settings, aio_session()) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def boto(emulator: EmulatorProcess) -> Iterator[Any]:
+    """A plain boto3 CodePipeline client (retries off, so every error surfaces)."""
+    client = boto3.client(
+        "codepipeline",
+        endpoint_url=emulator.codepipeline,
+        region_name="us-east-1",
+        aws_access_key_id=TEST_KEY_ID,
+        aws_secret_access_key=TEST_SECRET,
+        config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
+    )
+    yield client
+    client.close()
+
+
+JobFactory = Callable[..., Awaitable[list[str]]]
+
+
+@pytest.fixture
+def make_jobs(admin: AdminClient, action_type: m.ActionTypeId) -> JobFactory:
+    """Create jobs of this test's action type through the admin API; returns their ids."""
+
+    async def create(count: int = 1, **spec: Any) -> list[str]:
+        body = {"actionTypeId": m.to_builtins(action_type), "count": count, **spec}
+        answer = await admin.create_jobs(body)
+        ids: list[str] = answer["jobIds"]
+        return ids
+
+    return create
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait until `check()` is true, polling it; fail the test after `timeout_s`."""
+    try:
+        with anyio.fail_after(timeout_s):
+            while not await check():  # noqa: ASYNC110 - the state is in another process
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+async def status_of(admin: AdminClient, job_id: str) -> str:
+    job = await admin.job(job_id)
+    status: str = job["status"]
+    return status
