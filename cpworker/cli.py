@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import anyio
 
 from cpworker.errors import CpWorkerError
+
+SIGV4_KEYS_ENV = "CPWORKER_EMULATOR_SIGV4_KEYS"
 
 
 def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,38 +35,41 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--drop-response-rate", type=float, default=0.0, help="drop after applying")
     p.add_argument("--wrong-nonce-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None, help="seed of the fault injection")
+    p.add_argument(
+        "--verify-sigv4",
+        action="store_true",
+        help=f"verify request signatures against the keys in ${SIGV4_KEYS_ENV} "
+        "(KEY_ID=SECRET[,KEY_ID=SECRET...]); without it any well-formed signature is accepted",
+    )
 
 
 def _run_emulator(args: argparse.Namespace) -> int:
     from cpworker.emulator.faults import FaultSettings
     from cpworker.emulator.jobs import Timeouts
     from cpworker.emulator.server import EmulatorSettings, serve
+    from cpworker.emulator.sigv4 import parse_keys
 
+    fault_fields = FaultSettings.__struct_fields__
+    timeout_fields = ("dispatch_timeout_s", "job_timeout_s", "continuation_delay_s")
     try:
-        faults = FaultSettings(
-            latency_s=args.latency_s,
-            jitter_s=args.jitter_s,
-            throttle_rate=args.throttle_rate,
-            error_500_rate=args.error_500_rate,
-            error_503_rate=args.error_503_rate,
-            drop_rate=args.drop_rate,
-            drop_response_rate=args.drop_response_rate,
-            wrong_nonce_rate=args.wrong_nonce_rate,
-        )
+        faults = FaultSettings(**{name: getattr(args, name) for name in fault_fields})
+        timeouts = Timeouts(**{name: getattr(args, name) for name in timeout_fields})
     except ValueError as exc:
-        print(f"cpworker emulator: {exc}", file=sys.stderr)
+        print(f"cpworker emulator: {exc}; fix the matching --flag", file=sys.stderr)
+        return 2
+    try:
+        keys = parse_keys(os.environ.get(SIGV4_KEYS_ENV, "")) if args.verify_sigv4 else None
+    except ValueError as exc:
+        print(f"cpworker emulator: ${SIGV4_KEYS_ENV}: {exc}", file=sys.stderr)
         return 2
     settings = EmulatorSettings(
         host=args.host,
         port=args.port,
         s3_port=args.s3_port,
-        timeouts=Timeouts(
-            dispatch_timeout_s=args.dispatch_timeout_s,
-            job_timeout_s=args.job_timeout_s,
-            continuation_delay_s=args.continuation_delay_s,
-        ),
+        timeouts=timeouts,
         faults=faults,
         seed=args.seed,
+        sigv4_keys=keys,
     )
     anyio.run(serve, settings)
     return 0

@@ -1,7 +1,7 @@
 """The CodePipeline JSON 1.1 API of the emulator: one handler per operation.
 
 `POST /` with ``X-Amz-Target: CodePipeline_20150709.<Operation>``. Every request must be
-SigV4-signed (an ``AWS4-HMAC-SHA256`` Authorization header); its body is validated against
+SigV4-signed (see `cpworker.emulator.sigv4`); its body is validated against
 botocore's service model before the job state machine sees it. Errors are HTTP 400 (500 or
 503 for injected server faults) with ``{"__type": ..., "message": ...}``, as AWS answers,
 so botocore raises the right exception class.
@@ -22,6 +22,7 @@ from aiohttp import web
 from cpworker.emulator.faults import Faults
 from cpworker.emulator.jobs import ApiError, JobRecord, JobStore, action_key
 from cpworker.emulator.s3 import ACCOUNT_ID, S3Side
+from cpworker.emulator.sigv4 import SigV4Checker
 from cpworker.emulator.validation import RequestValidator, SerializationError, validation_message
 
 TARGET_PREFIX = "CodePipeline_20150709."
@@ -39,8 +40,11 @@ _FAULT_ANSWERS = {
 class CodePipelineApi:
     """Handlers of the job operations over one `JobStore`."""
 
-    def __init__(self, store: JobStore, faults: Faults, s3: S3Side) -> None:
+    def __init__(
+        self, store: JobStore, faults: Faults, s3: S3Side, sigv4: SigV4Checker | None = None
+    ) -> None:
         self.store = store
+        self.sigv4 = sigv4 or SigV4Checker()
         self.faults = faults
         self.s3 = s3
         self.requests: Counter[tuple[str, str]] = Counter()
@@ -73,7 +77,7 @@ class CodePipelineApi:
         operation = target.removeprefix(TARGET_PREFIX)
         body = await request.read()
         try:
-            self._check_signed(request)
+            self.sigv4.check(request.method, str(request.url), request.headers, body)
             if operation not in self._handlers or not target.startswith(TARGET_PREFIX):
                 raise ApiError("UnknownOperationException", f"Unknown operation {target!r}")
             delay = self.faults.latency(operation)
@@ -93,16 +97,6 @@ class CodePipelineApi:
         if fault == "drop_response":
             return self._drop(request, operation)
         return _json(answer)
-
-    @staticmethod
-    def _check_signed(request: web.Request) -> None:
-        auth = request.headers.get("Authorization", "")
-        if not auth.startswith("AWS4-HMAC-SHA256 Credential="):
-            raise ApiError(
-                "MissingAuthenticationTokenException",
-                "Request is missing a SigV4 Authorization header (AWS4-HMAC-SHA256)",
-                403,
-            )
 
     def _parse(self, operation: str, body: bytes) -> dict[str, Any]:
         try:

@@ -10,8 +10,9 @@ Used by the demo, the tests and the benchmarks::
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -84,12 +85,21 @@ class EmulatorProcess:
     @classmethod
     @asynccontextmanager
     async def start(
-        cls, extra_args: Sequence[str] = (), startup_timeout_s: float = 60.0
+        cls,
+        extra_args: Sequence[str] = (),
+        startup_timeout_s: float = 60.0,
+        env: Mapping[str, str] | None = None,
     ) -> AsyncIterator[EmulatorProcess]:
-        """Run the emulator on free ports of 127.0.0.1; stop it (SIGTERM) on exit."""
+        """Run the emulator on free ports of 127.0.0.1; stop it (SIGTERM) on exit.
+
+        `env` adds variables to the emulator's environment (e.g. its SigV4 keys).
+        """
         command = [sys.executable, "-m", "cpworker", "emulator", "--port", "0", "--s3-port", "0"]
         # stderr is inherited, so the emulator's own errors show where the caller runs.
-        async with await anyio.open_process([*command, *extra_args], stderr=None) as process:
+        environment = {**os.environ, **(env or {})}
+        async with await anyio.open_process(
+            [*command, *extra_args], stderr=None, env=environment
+        ) as process:
             try:
                 with anyio.fail_after(startup_timeout_s):
                     endpoints = await _read_endpoints(process)

@@ -42,6 +42,11 @@ class Timeouts:
     job_timeout_s: float = 24 * 3600.0
     continuation_delay_s: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in ("dispatch_timeout_s", "job_timeout_s", "continuation_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be 0 or more")
+
 
 @dataclass
 class ActionTypeRecord:

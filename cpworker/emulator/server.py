@@ -7,6 +7,7 @@ URL}``, then serves until SIGTERM or SIGINT and exits 0.
 from __future__ import annotations
 
 import json
+import random
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from cpworker.emulator.api import CodePipelineApi
 from cpworker.emulator.faults import Faults, FaultSettings
 from cpworker.emulator.jobs import JobStore, Timeouts
 from cpworker.emulator.s3 import S3Side
+from cpworker.emulator.sigv4 import SigV4Checker
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class EmulatorSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     faults: FaultSettings = field(default_factory=FaultSettings)
     seed: int | None = None
+    sigv4_keys: dict[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -54,14 +57,13 @@ def build_app(api: CodePipelineApi) -> web.Application:
 @asynccontextmanager
 async def running_emulator(settings: EmulatorSettings) -> AsyncIterator[Endpoints]:
     """Start S3 and the API server; yield their URLs; stop both on exit."""
-    import random
-
     s3 = S3Side(settings.host, settings.s3_port)
     await s3.start()
     runner: web.AppRunner | None = None
     try:
         store = JobStore(time.monotonic, settings.timeouts)
-        api = CodePipelineApi(store, Faults(settings.faults, random.Random(settings.seed)), s3)
+        faults = Faults(settings.faults, random.Random(settings.seed))
+        api = CodePipelineApi(store, faults, s3, SigV4Checker(settings.sigv4_keys))
         runner = web.AppRunner(build_app(api), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
