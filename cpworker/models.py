@@ -11,6 +11,7 @@ such as ``"ef66c259-64f9-EXAMPLE"`` decodes). Encoding omits unset optional fiel
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Final
 
 import msgspec
@@ -154,6 +155,12 @@ class ArtifactCredentials(Model, frozen=True):
         return f"ArtifactCredentials(access_key_id={self.access_key_id!r}, secret=***, token=***)"
 
     __str__ = __repr__
+
+    def __rich_repr__(self) -> Iterator[tuple[str, str]]:
+        # msgspec gives Structs a __rich_repr__ that would show every field to rich.
+        yield "access_key_id", self.access_key_id
+        yield "secret", "***"
+        yield "token", "***"
 
 
 class EncryptionKey(Model, frozen=True):

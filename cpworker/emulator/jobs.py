@@ -266,6 +266,7 @@ class JobStore:
         return job
 
     def acknowledge(self, job: JobRecord, nonce: str) -> str:
+        self.advance()
         ok = job.nonce is not None and secrets.compare_digest(nonce, job.nonce)
         outcome = "accepted" if ok else "InvalidNonceException"
         if ok and job.status == "InProgress":
@@ -282,6 +283,7 @@ class JobStore:
 
     def put_result(self, job: JobRecord, operation: str, payload: dict[str, Any]) -> None:
         """Record a success or failure result, or raise the error AWS would answer."""
+        self.advance()
         logged = {k: v for k, v in payload.items() if k != "clientToken"}
         try:
             if job.status != "InProgress":

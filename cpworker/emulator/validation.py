@@ -28,16 +28,20 @@ class SerializationError(Exception):
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
-    text = str(value)
+    if isinstance(value, dict):  # Java's map syntax, as AWS prints it
+        text = "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
+    else:
+        text = str(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"'{text}'"
 
 
+_CONSTRAINT = "failed to satisfy constraint: "
+
+
 def _fail(errors: list[str], value: Any, path: str, constraint: str) -> None:
-    errors.append(
-        f"Value {_describe(value)} at '{path}' failed to satisfy constraint: {constraint}"
-    )
+    errors.append(f"Value {_describe(value)} at '{path}' {_CONSTRAINT}{constraint}")
 
 
 def _join(path: str, name: str) -> str:
@@ -153,9 +157,16 @@ def _map(shape: MapShape) -> Check:
             raise SerializationError(f"Expected a map at '{path}'")
         if length is not None:
             length(value, path, errors)
+        key_errors: list[str] = []
+        value_errors: list[str] = []
         for k, v in value.items():
-            key(k, f"{path}.key", errors)
-            val(v, f"{path}.{k}.member", errors)
+            key(k, path, key_errors)
+            val(v, path, value_errors)
+        # AWS reports a bad entry at the map itself: "Map value must satisfy constraint: [...]"
+        for kind, found in (("keys", key_errors), ("value", value_errors)):
+            if found:
+                inner = "; ".join(sorted({e.split(_CONSTRAINT, 1)[1] for e in found}))
+                _fail(errors, value, path, f"Map {kind} must satisfy constraint: [{inner}]")
 
     return check
 
