@@ -11,7 +11,6 @@ such as ``"ef66c259-64f9-EXAMPLE"`` decodes). Encoding omits unset optional fiel
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Final
 
 import msgspec
@@ -156,11 +155,9 @@ class ArtifactCredentials(Model, frozen=True):
 
     __str__ = __repr__
 
-    def __rich_repr__(self) -> Iterator[tuple[str, str]]:
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
         # msgspec gives Structs a __rich_repr__ that would show every field to rich.
-        yield "access_key_id", self.access_key_id
-        yield "secret", "***"
-        yield "token", "***"
+        return [("access_key_id", self.access_key_id), ("secret", "***"), ("token", "***")]
 
 
 class EncryptionKey(Model, frozen=True):

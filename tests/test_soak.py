@@ -8,6 +8,7 @@ must really have been injected.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -60,14 +61,13 @@ async def _work(cp: ControlPlane, job: m.Job, done: set[str]) -> None:
         await _retrying(lambda: cp.acknowledge_job(job.id, job.nonce or ""))
     except InvalidNonceError:
         return  # lost the race (wrong nonce): the job is re-queued and polled again
-    try:
+    # InvalidJobState: the first attempt was applied but its answer was dropped.
+    with contextlib.suppress(InvalidJobStateError):
         await _retrying(
             lambda: cp.put_job_success_result(
                 job.id, execution_details=m.ExecutionDetails(summary="soaked")
             )
         )
-    except InvalidJobStateError:
-        pass  # the first attempt was applied but its answer was dropped
     done.add(job.id)
 
 
