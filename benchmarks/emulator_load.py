@@ -5,9 +5,10 @@ the admin API, then drives full job cycles (PollForJobs with batches, Acknowledg
 PutJobSuccessResult) plus empty polls from load-generator processes pinned to the other
 CPU, over keep-alive HTTP connections on 127.0.0.1. Reports API calls/s and the emulator's
 CPU use over the measured window (100% = one core busy) and the calls it served per
-CPU-second it used: its capacity on one core, even when the generators saturate first. Requests carry a well-formed
-SigV4 Authorization header, which the emulator checks for form only; with
-`--verify-sigv4` the generators sign every request for real and the emulator verifies it.
+CPU-second it used: its capacity on one core, even when the generators saturate first.
+Requests carry a well-formed SigV4 Authorization header, which the emulator checks for
+form only; with `--verify-sigv4` the generators sign every request for real and the
+emulator verifies it.
 
     python benchmarks/emulator_load.py [--jobs 20000] [--concurrency 64] [--generators 2]
 """

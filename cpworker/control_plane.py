@@ -77,6 +77,7 @@ class ControlPlane:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        self._closed = False
         self._methods: dict[str, Any] = {op: getattr(client, xform_name(op)) for op in m.OPERATIONS}
 
     @classmethod
@@ -91,10 +92,19 @@ class ControlPlane:
             endpoint_url=settings.endpoint_url,
             config=settings.client_config(),
         ) as client:
-            yield cls(client)
+            plane = cls(client)
+            try:
+                yield plane
+            finally:
+                plane._closed = True
 
     async def _call(self, operation: str, request: m.Model) -> Any:
         """Send one operation; map errors at this boundary; decode the answer."""
+        if self._closed:
+            raise CpWorkerError(
+                f"{operation}: this ControlPlane is closed; call it inside "
+                "`async with ControlPlane.open(settings) as cp:`"
+            )
         try:
             answer = await self._methods[operation](**m.to_builtins(request))
         except ClientError as exc:
@@ -102,7 +112,7 @@ class ControlPlane:
         except _TRANSPORT_ERRORS as exc:
             raise TransportError(f"{operation}: cannot reach CodePipeline: {exc}") from None
         except BotoCoreError as exc:
-            raise CpWorkerError(f"{operation}: {exc}") from None
+            raise CpWorkerError(f"{operation}: {exc}") from exc
         return m.from_builtins(m.OPERATIONS[operation][1], answer)
 
     # --- custom action jobs --------------------------------------------------------

@@ -204,3 +204,11 @@ async def test_input_artifacts_are_real_zips_behind_job_credentials(
             Bucket=location.s3_location.bucket_name, Key=location.s3_location.object_key
         )
     assert info.value.response["Error"]["Code"] == "InvalidToken"
+
+
+async def test_a_closed_client_says_so(emulator: EmulatorProcess) -> None:
+    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline)
+    async with ControlPlane.open(settings, aio_session()) as client:
+        pass
+    with pytest.raises(CpWorkerError, match="GetJobDetails: this ControlPlane is closed"):
+        await client.get_job_details("00000000-0000-4000-8000-000000000000")

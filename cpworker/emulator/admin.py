@@ -160,7 +160,12 @@ class Admin:
         return web.json_response(self.api.faults.describe())
 
     async def set_faults(self, request: web.Request) -> web.Response:
-        self.api.faults.update(_decode(await request.read(), FaultsUpdate))
+        update = _decode(await request.read(), FaultsUpdate)
+        unknown = sorted(set(update.operations or {}) - self.api.operations)
+        if unknown:
+            known = ", ".join(sorted(self.api.operations))
+            raise web.HTTPBadRequest(text=f"unknown operations {unknown}; known: {known}")
+        self.api.faults.update(update)
         return web.json_response(self.api.faults.describe())
 
 

@@ -68,6 +68,7 @@ class CodePipelineApi:
             "DeleteCustomActionType": self.delete_custom_action_type,
         }
         self._validator = RequestValidator(list(self._handlers))
+        self.operations = frozenset(self._handlers)
 
     # --- HTTP ----------------------------------------------------------------------
 
@@ -93,9 +94,9 @@ class CodePipelineApi:
         except ApiError as exc:
             self.requests[(operation or "?", exc.code)] += 1
             return _error(exc)
-        self.requests[(operation, "ok")] += 1
         if fault == "drop_response":
-            return self._drop(request, operation)
+            return self._drop(request, operation, "dropped_response")
+        self.requests[(operation, "ok")] += 1
         return _json(answer)
 
     def _parse(self, operation: str, body: bytes) -> dict[str, Any]:
@@ -109,8 +110,11 @@ class CodePipelineApi:
         assert isinstance(params, dict)
         return params
 
-    def _drop(self, request: web.Request, operation: str) -> web.StreamResponse:
-        self.requests[(operation, "dropped")] += 1
+    def _drop(
+        self, request: web.Request, operation: str, outcome: str = "dropped"
+    ) -> web.StreamResponse:
+        """Close the connection without an answer (`dropped_response`: after applying)."""
+        self.requests[(operation, outcome)] += 1
         if request.transport is not None:
             request.transport.abort()
         return web.Response(status=499)
