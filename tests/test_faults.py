@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 from botocore.exceptions import ClientError
 
@@ -99,14 +98,7 @@ class Stats:
 
 
 async def _faults_now(emulator: EmulatorProcess) -> dict[str, Any]:
-    """`GET /_emulator/faults` (the admin client only has the POST)."""
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"{emulator.codepipeline}/_emulator/faults") as resp,
-    ):
-        assert resp.status == 200
-        answer: dict[str, Any] = await resp.json()
-        return answer
+    return await emulator.admin.faults()
 
 
 def _status_changes(history: dict[str, Any]) -> list[tuple[str, str]]:

@@ -67,6 +67,11 @@ class AdminClient:
         answer: dict[str, Any] = await self._request("GET", "stats")
         return answer
 
+    async def faults(self) -> dict[str, Any]:
+        """`GET /_emulator/faults`: the current fault settings."""
+        answer: dict[str, Any] = await self._request("GET", "faults")
+        return answer
+
     async def set_faults(self, update: dict[str, Any]) -> dict[str, Any]:
         """`POST /_emulator/faults`: change fault injection; returns the settings."""
         answer: dict[str, Any] = await self._request("POST", "faults", update)

@@ -48,13 +48,15 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _length_check(shape: Shape, noun: str) -> Check | None:
+def _bounds_check(shape: Shape, noun: str) -> Check | None:
+    """The model's min/max: on the length (`noun` "length") or the value ("value")."""
     lo, hi = shape.metadata.get("min"), shape.metadata.get("max")
     if lo is None and hi is None:
         return None
+    measure: Callable[[Any], Any] = len if noun == "length" else (lambda v: v)
 
     def check(value: Any, path: str, errors: list[str]) -> None:
-        n = len(value)
+        n = measure(value)
         if lo is not None and n < lo:
             _fail(errors, value, path, f"Member must have {noun} greater than or equal to {lo}")
         if hi is not None and n > hi:
@@ -64,7 +66,7 @@ def _length_check(shape: Shape, noun: str) -> Check | None:
 
 
 def _string(shape: Shape) -> Check:
-    length = _length_check(shape, "length")
+    length = _bounds_check(shape, "length")
     values: list[str] = getattr(shape, "enum", None) or []
     enum = frozenset(values) if values else None
     pattern = shape.metadata.get("pattern")
@@ -85,16 +87,14 @@ def _string(shape: Shape) -> Check:
 
 
 def _number(shape: Shape) -> Check:
-    lo, hi = shape.metadata.get("min"), shape.metadata.get("max")
+    bounds = _bounds_check(shape, "value")
     kinds: tuple[type, ...] = (int,) if shape.type_name in ("integer", "long") else (int, float)
 
     def check(value: Any, path: str, errors: list[str]) -> None:
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise SerializationError(f"Expected a number at '{path}'")
-        if lo is not None and value < lo:
-            _fail(errors, value, path, f"Member must have value greater than or equal to {lo}")
-        if hi is not None and value > hi:
-            _fail(errors, value, path, f"Member must have value less than or equal to {hi}")
+        if bounds is not None:
+            bounds(value, path, errors)
 
     return check
 
@@ -134,7 +134,7 @@ def _structure(shape: StructureShape) -> Check:
 
 
 def _list(shape: ListShape) -> Check:
-    length = _length_check(shape, "length")
+    length = _bounds_check(shape, "length")
     member = compile_shape(shape.member)
 
     def check(value: Any, path: str, errors: list[str]) -> None:
@@ -149,7 +149,7 @@ def _list(shape: ListShape) -> Check:
 
 
 def _map(shape: MapShape) -> Check:
-    length = _length_check(shape, "length")
+    length = _bounds_check(shape, "length")
     key, val = compile_shape(shape.key), compile_shape(shape.value)
 
     def check(value: Any, path: str, errors: list[str]) -> None:
