@@ -152,14 +152,19 @@ def main() -> int:
         cpu_before, started = _cpu_seconds(emulator.pid), time.perf_counter()
         for p in procs:
             p.start()
-        results = [queue.get() for _ in procs]
+        # A generator that died would never report: bound the wait.
+        results = [queue.get(timeout=600) for _ in procs]
         elapsed = time.perf_counter() - started
         cpu_used = _cpu_seconds(emulator.pid) - cpu_before
         for p in procs:
             p.join()
     finally:
         emulator.terminate()
-        emulator.wait(10)
+        try:
+            emulator.wait(10)
+        except subprocess.TimeoutExpired:
+            emulator.kill()
+            emulator.wait()
     calls = sum(r["calls"] for r in results)
     jobs = sum(r["jobs"] for r in results)
     report = {

@@ -23,26 +23,17 @@ import msgspec
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore import xform_name
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cpworker import models as m
 from cpworker.errors import CpWorkerError, ServiceError, TransportError, error_for
 
 __all__ = ["ControlPlane", "ControlPlaneSettings"]
 
-_TRANSPORT_ERRORS = (
-    EndpointConnectionError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-)
+# Every failure to reach the endpoint or to read its answer: connection refused or closed,
+# timeouts, TLS and proxy errors, and aiohttp errors botocore wraps as HTTPClientError.
+_TRANSPORT_ERRORS = (BotoConnectionError, HTTPClientError)
 
 
 class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,7 +103,12 @@ class ControlPlane:
         except _TRANSPORT_ERRORS as exc:
             raise TransportError(f"{operation}: cannot reach CodePipeline: {exc}") from None
         except BotoCoreError as exc:
-            raise CpWorkerError(f"{operation}: {exc}") from exc
+            # e.g. botocore's own parameter checks; their text can quote argument values,
+            # which may be secrets, so only the kind of error is named.
+            raise CpWorkerError(
+                f"{operation}: botocore refused the call ({type(exc).__name__}); check the "
+                "arguments' types and the client settings"
+            ) from None
         return m.from_builtins(m.OPERATIONS[operation][1], answer)
 
     # --- custom action jobs --------------------------------------------------------

@@ -11,7 +11,7 @@ such as ``"ef66c259-64f9-EXAMPLE"`` decodes). Encoding omits unset optional fiel
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import msgspec
 
@@ -90,7 +90,31 @@ JOB_STATUSES: Final = (
 
 
 class Model(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """Base of every API shape: frozen, camelCase on the wire, unset fields omitted."""
+    """Base of every API shape: frozen, camelCase on the wire, unset fields omitted.
+
+    Fields named in `_SECRETS` show as ``***`` in repr, str and rich's pretty printer.
+    (Subclasses repeat ``frozen=True`` so that mypy's dataclass view knows it too.)
+    """
+
+    _SECRETS: ClassVar[frozenset[str]] = frozenset()
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [
+            (name, "***" if name in self._SECRETS else getattr(self, name))
+            for name in self.__struct_fields__
+        ]
+
+    def __repr__(self) -> str:
+        if not self._SECRETS:
+            return super().__repr__()
+        fields = ", ".join(
+            f"{name}={value}" if name in self._SECRETS else f"{name}={value!r}"
+            for name, value in self.__rich_repr__()
+        )
+        return f"{type(self).__name__}({fields})"
+
+    def __str__(self) -> str:
+        return repr(self)
 
 
 # --- shared shapes -------------------------------------------------------------------
@@ -146,18 +170,11 @@ class ArtifactCredentials(Model, frozen=True):
     The repr never shows the secret access key or the session token.
     """
 
+    _SECRETS = frozenset({"secret_access_key", "session_token"})
+
     access_key_id: str
     secret_access_key: str
     session_token: str
-
-    def __repr__(self) -> str:
-        return f"ArtifactCredentials(access_key_id={self.access_key_id!r}, secret=***, token=***)"
-
-    __str__ = __repr__
-
-    def __rich_repr__(self) -> list[tuple[str, Any]]:
-        # msgspec gives Structs a __rich_repr__ that would show every field to rich.
-        return [("access_key_id", self.access_key_id), ("secret", "***"), ("token", "***")]
 
 
 class EncryptionKey(Model, frozen=True):
@@ -311,12 +328,16 @@ class PollForThirdPartyJobsOutput(Model, frozen=True):
 
 
 class AcknowledgeThirdPartyJobInput(Model, frozen=True):
+    _SECRETS = frozenset({"client_token"})
+
     job_id: str
     nonce: str
     client_token: str
 
 
 class GetThirdPartyJobDetailsInput(Model, frozen=True):
+    _SECRETS = frozenset({"client_token"})
+
     job_id: str
     client_token: str
 
@@ -326,6 +347,8 @@ class GetThirdPartyJobDetailsOutput(Model, frozen=True):
 
 
 class PutThirdPartyJobSuccessResultInput(Model, frozen=True):
+    _SECRETS = frozenset({"client_token"})
+
     job_id: str
     client_token: str
     current_revision: CurrentRevision | None = None
@@ -334,6 +357,8 @@ class PutThirdPartyJobSuccessResultInput(Model, frozen=True):
 
 
 class PutThirdPartyJobFailureResultInput(Model, frozen=True):
+    _SECRETS = frozenset({"client_token"})
+
     job_id: str
     client_token: str
     failure_details: FailureDetails

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import zipfile
@@ -193,16 +194,14 @@ async def test_input_artifacts_are_real_zips_behind_job_credentials(
     creds = details.data.artifact_credentials
     location = details.data.input_artifacts[0].location
     assert creds is not None and location is not None and location.s3_location is not None
-    s3 = _s3(emulator, creds)
-    body = s3.get_object(
-        Bucket=location.s3_location.bucket_name, Key=location.s3_location.object_key
-    )["Body"].read()
+    where = {"Bucket": location.s3_location.bucket_name, "Key": location.s3_location.object_key}
+    with contextlib.closing(_s3(emulator, creds)) as s3:
+        body = s3.get_object(**where)["Body"].read()
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         assert {n: archive.read(n).decode() for n in archive.namelist()} == files
-    with pytest.raises(ClientError) as info:
-        _s3(emulator, creds, token="not-the-token").get_object(
-            Bucket=location.s3_location.bucket_name, Key=location.s3_location.object_key
-        )
+    bad = _s3(emulator, creds, token="not-the-token")
+    with contextlib.closing(bad), pytest.raises(ClientError) as info:
+        bad.get_object(**where)
     assert info.value.response["Error"]["Code"] == "InvalidToken"
 
 
@@ -212,3 +211,44 @@ async def test_a_closed_client_says_so(emulator: EmulatorProcess) -> None:
         pass
     with pytest.raises(CpWorkerError, match="GetJobDetails: this ControlPlane is closed"):
         await client.get_job_details("00000000-0000-4000-8000-000000000000")
+
+
+async def test_third_party_continuation_keeps_the_partners_client_token(
+    cp: ControlPlane, admin: AdminClient, third_party_action_type: m.ActionTypeId
+) -> None:
+    spec = {
+        "actionTypeId": m.to_builtins(third_party_action_type),
+        "thirdParty": True,
+        "continuationDelayS": 0,
+    }
+    answer = await admin.create_jobs(spec)
+    [job_id] = answer["jobIds"]
+    token = answer["clientTokens"][job_id]
+    [polled] = await cp.poll_for_third_party_jobs(third_party_action_type, 1)
+    details = await cp.get_third_party_job_details(job_id, token)
+    assert details.nonce is not None
+    await cp.acknowledge_third_party_job(job_id, details.nonce, token)
+    await cp.put_third_party_job_success_result(job_id, token, continuation_token="later")
+    next_id = (await admin.job(job_id))["nextJobId"]
+    [again] = await cp.poll_for_third_party_jobs(third_party_action_type, 1)
+    assert (again.job_id, again.client_id) == (next_id, polled.client_id)
+    follow_up = await cp.get_third_party_job_details(next_id, token)
+    assert follow_up.data.continuation_token == "later"
+
+
+async def test_creating_an_existing_action_type_returns_it_unchanged(
+    cp: ControlPlane, action_type: m.ActionTypeId
+) -> None:
+    def request(maximum: int) -> m.CreateCustomActionTypeInput:
+        return m.CreateCustomActionTypeInput(
+            category=action_type.category,
+            provider=action_type.provider,
+            version=action_type.version,
+            input_artifact_details=m.ArtifactDetails(minimum_count=0, maximum_count=maximum),
+            output_artifact_details=m.ArtifactDetails(minimum_count=0, maximum_count=maximum),
+        )
+
+    first = await cp.create_custom_action_type(request(1))
+    second = await cp.create_custom_action_type(request(5))
+    assert second == first
+    assert second.input_artifact_details.maximum_count == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -203,6 +204,24 @@ async def test_invalid_flags_exit_2_with_a_message(args: list[str], message: str
     assert done.returncode == 2
     assert message in done.stderr.decode()
     assert done.stdout == b""  # no endpoint line: nothing was started
+
+
+@pytest.mark.parametrize(("flag", "fix"), [("--port", "--port"), ("--s3-port", "--s3-port")])
+async def test_a_busy_port_exits_1_with_the_fix(flag: str, fix: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with anyio.fail_after(STARTUP_TIMEOUT_S):
+            done = await anyio.run_process(
+                [*EMULATOR, flag, str(port)], check=False, stdin=subprocess.DEVNULL
+            )
+    assert done.returncode == 1
+    stderr = done.stderr.decode()
+    assert f"cannot listen on 127.0.0.1:{port}" in stderr
+    assert f"choose another {fix}, or 0 for a free one" in stderr
+    assert "Traceback" not in stderr
+    assert done.stdout == b""
 
 
 # --- raw HTTP against the session's emulator ---------------------------------------

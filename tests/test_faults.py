@@ -321,9 +321,10 @@ async def test_wrong_nonce_fails_acknowledge_and_the_job_is_requeued(
     assert await cp_no_retry.acknowledge_job(again.id, again.nonce) == "InProgress"
 
 
-async def test_latency_setting_is_reported_and_calls_still_succeed(
+async def test_latency_setting_is_reported_applied_and_calls_still_succeed(
     faults: FaultControl,
     emulator: EmulatorProcess,
+    admin: AdminClient,
     cp_no_retry: ControlPlane,
     make_jobs: JobFactory,
 ) -> None:
@@ -338,9 +339,16 @@ async def test_latency_setting_is_reported_and_calls_still_succeed(
     assert now["operations"]["GetJobDetails"] == expected
     assert now["global"] == _NO_FAULTS  # scoped to the one operation
 
+    before = await Stats.take(admin)
     details = await cp_no_retry.get_job_details(job_id)
     assert details.id == job_id
     assert details.data.artifact_credentials is not None
+    after = await Stats.take(admin)
+    # The emulator counts each call it delayed (wall-clock time is not asserted on).
+    delayed = after.injected("GetJobDetails", "latency") - before.injected(
+        "GetJobDetails", "latency"
+    )
+    assert delayed == 1
 
 
 @pytest.mark.parametrize(

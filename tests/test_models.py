@@ -391,3 +391,24 @@ def test_structs_are_frozen() -> None:
     with pytest.raises(AttributeError):
         value.nonce = "2"  # type: ignore[misc]
     assert msgspec.structs.replace(value, nonce="2").nonce == "2"
+
+
+@pytest.mark.parametrize(
+    "request_struct",
+    [
+        m.AcknowledgeThirdPartyJobInput(job_id="j", nonce="1", client_token="CLIENT-TOKEN-X"),
+        m.GetThirdPartyJobDetailsInput(job_id="j", client_token="CLIENT-TOKEN-X"),
+        m.PutThirdPartyJobSuccessResultInput(job_id="j", client_token="CLIENT-TOKEN-X"),
+        m.PutThirdPartyJobFailureResultInput(
+            job_id="j",
+            client_token="CLIENT-TOKEN-X",
+            failure_details=m.FailureDetails(type="JobFailed", message="no"),
+        ),
+    ],
+)
+def test_third_party_requests_hide_the_client_token(request_struct: m.Model) -> None:
+    for text in (repr(request_struct), str(request_struct), f"{request_struct}"):
+        assert "CLIENT-TOKEN-X" not in text
+        assert "client_token=***" in text
+    assert ("client_token", "***") in request_struct.__rich_repr__()
+    assert b"CLIENT-TOKEN-X" in m.encode(request_struct)  # the wire still carries it

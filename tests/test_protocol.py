@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from cpworker import models as m
 from cpworker.control_plane import ControlPlane
-from cpworker.emulator.client import AdminClient
+from cpworker.emulator.client import AdminClient, EmulatorError
 from cpworker.errors import ServiceError
 from tests.conftest import JobFactory, status_of, wait_for
 
@@ -334,3 +334,31 @@ async def test_credentials_are_fresh_on_each_get_job_details(
     polled = data["artifactCredentials"]
     keys = {polled["accessKeyId"], first["accessKeyId"], second["accessKeyId"]}
     assert len(keys) == 3
+
+
+async def test_a_finished_jobs_nonce_is_spent(
+    drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId, admin: AdminClient
+) -> None:
+    [job_id] = await make_jobs(1)
+    [(_, nonce, _)] = await drv.poll(action_type, 1)
+    await drv.ack(job_id, nonce)
+    await drv.success(job_id)
+    assert await drv.error_code(lambda: drv.ack(job_id, nonce)) == "InvalidNonceException"
+    outcomes = [a["outcome"] for a in (await admin.job(job_id))["acknowledgements"]]
+    assert outcomes == ["accepted", "InvalidNonceException"]
+
+
+async def test_any_text_as_a_nonce_is_an_invalid_nonce_not_a_crash(
+    drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId
+) -> None:
+    [job_id] = await make_jobs(1)
+    await drv.poll(action_type, 1)
+    assert await drv.error_code(lambda: drv.ack(job_id, "nönce-✓")) == "InvalidNonceException"
+
+
+async def test_admin_refuses_a_negative_job_timeout(
+    admin: AdminClient, action_type: m.ActionTypeId
+) -> None:
+    with pytest.raises(EmulatorError, match="answered 400: bad CreateJobs body: job_timeout_s"):
+        await admin.create_jobs({"actionTypeId": m.to_builtins(action_type), "jobTimeoutS": -1})
+    assert await admin.jobs(provider=action_type.provider) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,7 +43,8 @@ def _boto(url: str, key_id: str, secret: str, token: str | None = None) -> Any:
 
 
 def _code(client: Any) -> str:
-    with pytest.raises(ClientError) as info:
+    """The error code of a poll through `client`, which is closed afterwards."""
+    with contextlib.closing(client), pytest.raises(ClientError) as info:
         client.poll_for_jobs(actionTypeId=m.to_builtins(UNREGISTERED))
     return str(info.value.response["Error"]["Code"])
 

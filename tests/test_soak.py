@@ -105,4 +105,6 @@ async def test_no_job_lost_or_reported_twice_under_faults() -> None:
             assert len(accepted) == 1, history
         injected = (await emulator.admin.stats())["faultsInjected"]
         kinds = {kind for per_op in injected.values() for kind in per_op}
-        assert kinds == {"throttle", "error_503", "drop", "drop_response", "wrong_nonce"}
+        assert kinds == {
+            "latency", "throttle", "error_503", "drop", "drop_response", "wrong_nonce"
+        }  # fmt: skip

@@ -323,3 +323,13 @@ def test_only_the_requested_operations_are_compiled() -> None:
     assert validator.errors("GetJobDetails", {"jobId": JOB_ID}) == []
     with pytest.raises(KeyError):
         validator.errors("AcknowledgeJob", {"jobId": JOB_ID, "nonce": "1"})
+
+
+def test_client_tokens_are_never_echoed(validator: RequestValidator) -> None:
+    token = "SECRET-TOKEN-" + "x" * 300
+    body = {"jobId": "j", "nonce": "1", "clientToken": token}
+    (error,) = validator.errors("AcknowledgeThirdPartyJob", body)
+    assert error == (
+        "Value '***' at 'clientToken' failed to satisfy constraint: "
+        "Member must have length less than or equal to 256"
+    )

@@ -77,17 +77,20 @@ class Admin:
     async def create_jobs(self, request: web.Request) -> web.Response:
         spec = _decode(await request.read(), CreateJobs)
         key = action_key(msgspec.to_builtins(spec.action_type_id))
+        try:
+            timeouts = replace(
+                self.store.timeouts,
+                **{
+                    name: value
+                    for name in ("dispatch_timeout_s", "job_timeout_s", "continuation_delay_s")
+                    if (value := getattr(spec, name)) is not None
+                },
+            )
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"bad CreateJobs body: {exc}") from None
         self._ensure_action_type(key, spec)
         inputs = await self._upload_inputs(spec)
         shared = await self.api.s3.mint_credentials() if spec.share_credentials else None
-        timeouts = replace(
-            self.store.timeouts,
-            **{
-                name: value
-                for name in ("dispatch_timeout_s", "job_timeout_s", "continuation_delay_s")
-                if (value := getattr(spec, name)) is not None
-            },
-        )
         jobs = []
         for _ in range(spec.count):
             credentials = shared or await self.api.s3.mint_credentials()

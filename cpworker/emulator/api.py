@@ -9,6 +9,7 @@ so botocore raises the right exception class.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from cpworker.emulator.faults import Faults
+from cpworker.emulator.faults import Fault, Faults
 from cpworker.emulator.jobs import ApiError, JobRecord, JobStore, action_key
 from cpworker.emulator.s3 import ACCOUNT_ID, S3Side
 from cpworker.emulator.sigv4 import SigV4Checker
@@ -29,6 +30,8 @@ TARGET_PREFIX = "CodePipeline_20150709."
 CONTENT_TYPE = "application/x-amz-json-1.1"
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+logger = logging.getLogger(__name__)
 
 _FAULT_ANSWERS = {
     "throttle": (400, "ThrottlingException", "Rate exceeded"),
@@ -77,6 +80,7 @@ class CodePipelineApi:
         target = request.headers.get("X-Amz-Target", "")
         operation = target.removeprefix(TARGET_PREFIX)
         body = await request.read()
+        fault: Fault | None = None
         try:
             self.sigv4.check(request.method, str(request.url), request.headers, body)
             if operation not in self._handlers or not target.startswith(TARGET_PREFIX):
@@ -90,14 +94,19 @@ class CodePipelineApi:
             if fault in _FAULT_ANSWERS:
                 status, code, message = _FAULT_ANSWERS[fault]
                 raise ApiError(code, message, status)
-            answer = await self._handlers[operation](self._parse(operation, body))
+            response = _json(await self._handlers[operation](self._parse(operation, body)))
+            outcome = "ok"
         except ApiError as exc:
-            self.requests[(operation or "?", exc.code)] += 1
-            return _error(exc)
+            response, outcome = _error(exc), exc.code
+        except Exception:
+            # A bug of the emulator: answer as AWS does, count it, keep the traceback.
+            logger.exception("%s failed inside the emulator", operation)
+            response = _error(ApiError("InternalFailure", "The emulator failed; see its log", 500))
+            outcome = "InternalFailure"
         if fault == "drop_response":
             return self._drop(request, operation, "dropped_response")
-        self.requests[(operation, "ok")] += 1
-        return _json(answer)
+        self.requests[(operation or "?", outcome)] += 1
+        return response
 
     def _parse(self, operation: str, body: bytes) -> dict[str, Any]:
         try:
@@ -200,7 +209,8 @@ class CodePipelineApi:
             raise ApiError(
                 "ValidationException", "An action type can have at most one queryable property"
             )
-        record = self.store.register_action_type(definition)
+        key = action_key(definition["id"])
+        record = self.store.action_types.get(key) or self.store.register_action_type(definition)
         return {"actionType": record.definition, "tags": p.get("tags", [])}
 
     async def list_action_types(self, p: dict[str, Any]) -> dict[str, Any]:

@@ -21,11 +21,9 @@ import aiohttp
 import anyio
 from anyio.abc import Process
 
-from cpworker.errors import CpWorkerError
+from cpworker.emulator import EmulatorError
 
-
-class EmulatorError(CpWorkerError):
-    """The emulator could not be started, or its admin API refused a call."""
+__all__ = ["AdminClient", "EmulatorError", "EmulatorProcess"]
 
 
 class AdminClient:

@@ -81,6 +81,7 @@ class Faults:
         s = self.settings_for(operation)
         if s.latency_s == 0 and s.jitter_s == 0:
             return 0.0
+        self.injected[(operation, "latency")] += 1
         return s.latency_s + self._rng.uniform(0, s.jitter_s)
 
     def draw(self, operation: str) -> Fault | None:

@@ -63,14 +63,14 @@ class JobRecord:
     timeouts: Timeouts
     third_party: bool = False
     client_id: str | None = None
-    client_token: str | None = None
+    client_token: str | None = field(default=None, repr=False)
     status: str = "Queued"
     nonce: str | None = None
     epoch: int = 0
     nonce_counter: int = 0
     previous_job_id: str | None = None
     next_job_id: str | None = None
-    credentials: dict[str, str] = field(default_factory=dict)
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
     events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -98,6 +98,11 @@ class JobRecord:
             "results": by_kind["result"],
             "events": self.events,
         }
+
+
+def _same(given: str, expected: str | None) -> bool:
+    """Constant-time comparison of a nonce or token (any text, not only ASCII)."""
+    return expected is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
 def action_key(action_type_id: dict[str, str]) -> ActionKey:
@@ -203,12 +208,15 @@ class JobStore:
             third_party=third_party,
             status="Created",
         )
-        if third_party:
-            job.client_id = str(uuid.uuid4())
-            job.client_token = secrets.token_urlsafe(24)
         if previous is not None:
+            # A continuation belongs to the same partner: same client id and token.
             job.previous_job_id = previous.id
             previous.next_job_id = job.id
+            job.client_id, job.client_token = previous.client_id, previous.client_token
+            job.credentials = previous.credentials
+        elif third_party:
+            job.client_id = str(uuid.uuid4())
+            job.client_token = secrets.token_urlsafe(24)
         self.jobs[job.id] = job
         self.status_counts["Created"] += 1
         self._log(job, "status", status="Created", reason="created")
@@ -259,15 +267,15 @@ class JobStore:
         job = self.jobs.get(job_id)
         if job is None or job.third_party != third_party:
             raise ApiError("JobNotFoundException", f"Job {job_id} not found")
-        if third_party and not (
-            client_token and secrets.compare_digest(client_token, job.client_token or "")
-        ):
+        if third_party and not (client_token and _same(client_token, job.client_token)):
             raise ApiError("InvalidClientTokenException", "The client token is not valid")
         return job
 
     def acknowledge(self, job: JobRecord, nonce: str) -> str:
         self.advance()
-        ok = job.nonce is not None and secrets.compare_digest(nonce, job.nonce)
+        # The current nonce claims a dispatched job, and again (idempotently) the job it
+        # made InProgress; a finished job's nonce is spent.
+        ok = job.status in ("Dispatched", "InProgress") and _same(nonce, job.nonce)
         outcome = "accepted" if ok else "InvalidNonceException"
         if ok and job.status == "InProgress":
             outcome = "repeated"  # an idempotent retry of the same acknowledgement
@@ -305,7 +313,7 @@ class JobStore:
         token = payload.get("continuationToken")
         if token:
             data = dict(job.data, continuationToken=token)
-            follow_up = self.create_job(
+            self.create_job(
                 job.action,
                 data,
                 timeouts=job.timeouts,
@@ -313,7 +321,6 @@ class JobStore:
                 previous=job,
                 delay_s=job.timeouts.continuation_delay_s,
             )
-            follow_up.credentials = job.credentials
 
     @staticmethod
     def _check_success(payload: dict[str, Any]) -> None:

@@ -13,12 +13,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import zipfile
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+import anyio
 from aiobotocore.session import get_session
+
+from cpworker.emulator import EmulatorError
 
 ACCOUNT_ID = "123456789012"  # moto's default account
 REGION = "us-east-1"
@@ -63,8 +67,19 @@ class S3Side:
                 "the emulator needs moto's server: pip install 'cpworker[emulator]'"
             ) from exc
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        _check_free(self._host, self._port)
         self._server = ThreadedMotoServer(self._host, self._port, verbose=False)
-        self._server.start()
+        # moto waits without a timeout for its server thread; if that thread died (port
+        # taken after all) the wait would never end, so it runs in a thread we can abandon.
+        try:
+            with anyio.fail_after(30):
+                await anyio.to_thread.run_sync(self._server.start, abandon_on_cancel=True)
+        except TimeoutError:
+            self._server = None
+            raise EmulatorError(
+                f"moto's S3 server did not start on {self._host}:{self._port}; "
+                "choose another --s3-port, or 0 for a free one"
+            ) from None
         host, port = self._server.get_host_and_port()
         self.url = f"http://{host}:{port}"
         admin = await self._bootstrap()
@@ -138,5 +153,19 @@ class S3Side:
 
     async def stop(self) -> None:
         await self._stack.aclose()
-        if self._server is not None:
+        if self._server is not None and self.url:
             self._server.stop()
+
+
+def _check_free(host: str, port: int) -> None:
+    """Fail at once, with the fix, when the S3 port is taken."""
+    if port == 0:
+        return
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise EmulatorError(
+                f"cannot listen on {host}:{port} for S3 ({exc.strerror}); "
+                "choose another --s3-port, or 0 for a free one"
+            ) from None

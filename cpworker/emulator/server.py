@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import anyio
 from aiohttp import web
 
+from cpworker.emulator import EmulatorError
 from cpworker.emulator.admin import Admin
 from cpworker.emulator.api import CodePipelineApi
 from cpworker.emulator.faults import Faults, FaultSettings
@@ -58,16 +59,22 @@ def build_app(api: CodePipelineApi) -> web.Application:
 async def running_emulator(settings: EmulatorSettings) -> AsyncIterator[Endpoints]:
     """Start S3 and the API server; yield their URLs; stop both on exit."""
     s3 = S3Side(settings.host, settings.s3_port)
-    await s3.start()
     runner: web.AppRunner | None = None
     try:
+        await s3.start()
         store = JobStore(time.monotonic, settings.timeouts)
         faults = Faults(settings.faults, random.Random(settings.seed))
         api = CodePipelineApi(store, faults, s3, SigV4Checker(settings.sigv4_keys))
         runner = web.AppRunner(build_app(api), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise EmulatorError(
+                f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); "
+                "choose another --port, or 0 for a free one"
+            ) from None
         host, port = runner.addresses[0][:2]
         base = f"http://{host}:{port}"
         yield Endpoints(codepipeline=base, s3=s3.url, admin=f"{base}/_emulator/")

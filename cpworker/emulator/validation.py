@@ -40,12 +40,21 @@ def _describe(value: Any) -> str:
 _CONSTRAINT = "failed to satisfy constraint: "
 
 
-def _fail(errors: list[str], value: Any, path: str, constraint: str) -> None:
-    errors.append(f"Value {_describe(value)} at '{path}' {_CONSTRAINT}{constraint}")
+# Shapes whose values are never echoed: the model's `sensitive` ones, and client tokens.
+_SECRET_SHAPES = frozenset({"ClientToken"})
+
+
+def _fail(errors: list[str], value: Any, path: str, constraint: str, secret: bool = False) -> None:
+    shown = "'***'" if secret else _describe(value)
+    errors.append(f"Value {shown} at '{path}' {_CONSTRAINT}{constraint}")
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def _is_secret(shape: Shape) -> bool:
+    return bool(shape.metadata.get("sensitive")) or shape.name in _SECRET_SHAPES
 
 
 def _bounds_check(shape: Shape, noun: str) -> Check | None:
@@ -54,13 +63,16 @@ def _bounds_check(shape: Shape, noun: str) -> Check | None:
     if lo is None and hi is None:
         return None
     measure: Callable[[Any], Any] = len if noun == "length" else (lambda v: v)
+    secret = _is_secret(shape)
 
     def check(value: Any, path: str, errors: list[str]) -> None:
         n = measure(value)
         if lo is not None and n < lo:
-            _fail(errors, value, path, f"Member must have {noun} greater than or equal to {lo}")
+            must = f"Member must have {noun} greater than or equal to {lo}"
+            _fail(errors, value, path, must, secret)
         if hi is not None and n > hi:
-            _fail(errors, value, path, f"Member must have {noun} less than or equal to {hi}")
+            must = f"Member must have {noun} less than or equal to {hi}"
+            _fail(errors, value, path, must, secret)
 
     return check
 
@@ -71,6 +83,7 @@ def _string(shape: Shape) -> Check:
     enum = frozenset(values) if values else None
     pattern = shape.metadata.get("pattern")
     regex = re.compile(pattern) if pattern else None
+    secret = _is_secret(shape)
 
     def check(value: Any, path: str, errors: list[str]) -> None:
         if not isinstance(value, str):
@@ -81,7 +94,8 @@ def _string(shape: Shape) -> Check:
             allowed = ", ".join(values)
             _fail(errors, value, path, f"Member must satisfy enum value set: [{allowed}]")
         if regex is not None and regex.fullmatch(value) is None:
-            _fail(errors, value, path, f"Member must satisfy regular expression pattern: {pattern}")
+            must = f"Member must satisfy regular expression pattern: {pattern}"
+            _fail(errors, value, path, must, secret)
 
     return check
 
