@@ -115,6 +115,17 @@ class AsyncDriver(Driver):
         await self.c.put_job_failure_result(job_id, m.FailureDetails(type=kind, message=message))
 
 
+async def _started(
+    drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId
+) -> tuple[str, str]:
+    """One new job, polled and acknowledged: its id and nonce."""
+    [job_id] = await make_jobs(1)
+    [(polled, nonce, _)] = await drv.poll(action_type, 1)
+    assert polled == job_id
+    assert await drv.ack(job_id, nonce) == "InProgress"
+    return job_id, nonce
+
+
 @pytest.fixture(params=["boto3", "cpworker"])
 def drv(request: pytest.FixtureRequest, boto: Any, cp_no_retry: ControlPlane) -> Driver:
     return BotoDriver(boto) if request.param == "boto3" else AsyncDriver(cp_no_retry)
@@ -143,9 +154,7 @@ async def test_full_cycle_success(
 async def test_failure_result(
     drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId, admin: AdminClient
 ) -> None:
-    [job_id] = await make_jobs(1)
-    [(_, nonce, _)] = await drv.poll(action_type, 1)
-    await drv.ack(job_id, nonce)
+    job_id, _ = await _started(drv, make_jobs, action_type)
     await drv.failure(job_id, "ConfigurationError", "bad config")
     history = await admin.job(job_id)
     assert history["status"] == "Failed"
@@ -155,9 +164,7 @@ async def test_failure_result(
 async def test_second_result_is_invalid_job_state(
     drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId, admin: AdminClient
 ) -> None:
-    [job_id] = await make_jobs(1)
-    [(_, nonce, _)] = await drv.poll(action_type, 1)
-    await drv.ack(job_id, nonce)
+    job_id, _ = await _started(drv, make_jobs, action_type)
     await drv.success(job_id)
     code = await drv.error_code(lambda: drv.failure(job_id, "JobFailed", "late"))
     assert code == "InvalidJobStateException"
@@ -273,9 +280,7 @@ async def test_continuation_queues_a_new_job_with_the_token(
 async def test_output_variables_rules(
     drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId, admin: AdminClient
 ) -> None:
-    [job_id] = await make_jobs(1)
-    [(_, nonce, _)] = await drv.poll(action_type, 1)
-    await drv.ack(job_id, nonce)
+    job_id, _ = await _started(drv, make_jobs, action_type)
     too_big = {f"v{i}": "x" * 1000 for i in range(123)}
     code = await drv.error_code(lambda: drv.success(job_id, variables=too_big))
     assert code == "OutputVariablesSizeExceededException"
@@ -339,9 +344,7 @@ async def test_credentials_are_fresh_on_each_get_job_details(
 async def test_a_finished_jobs_nonce_is_spent(
     drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId, admin: AdminClient
 ) -> None:
-    [job_id] = await make_jobs(1)
-    [(_, nonce, _)] = await drv.poll(action_type, 1)
-    await drv.ack(job_id, nonce)
+    job_id, nonce = await _started(drv, make_jobs, action_type)
     await drv.success(job_id)
     assert await drv.error_code(lambda: drv.ack(job_id, nonce)) == "InvalidNonceException"
     outcomes = [a["outcome"] for a in (await admin.job(job_id))["acknowledgements"]]
