@@ -96,9 +96,11 @@ class Stats:
         n: int = self.raw["requests"].get(operation, {}).get(outcome, 0)
         return n
 
+    def injected_since(self, before: Stats, operation: str, kind: str) -> int:
+        return self.injected(operation, kind) - before.injected(operation, kind)
 
-async def _faults_now(emulator: EmulatorProcess) -> dict[str, Any]:
-    return await emulator.admin.faults()
+    def requests_since(self, before: Stats, operation: str, outcome: str) -> int:
+        return self.requests(operation, outcome) - before.requests(operation, outcome)
 
 
 def _status_changes(history: dict[str, Any]) -> list[tuple[str, str]]:
@@ -134,10 +136,7 @@ async def test_throttling_surfaces_in_boto3_and_after_retries_in_control_plane(
     assert _error_code(boto_error.value) == "ThrottlingException"
     assert _http_status(boto_error.value) == 400
     after_boto = await Stats.take(admin)
-    assert (
-        after_boto.injected("PollForJobs", "throttle") - before.injected("PollForJobs", "throttle")
-        == 1
-    )
+    assert after_boto.injected_since(before, "PollForJobs", "throttle") == 1
 
     # A client of its own: botocore's retry quota is per client, so a shared one could
     # have spent it in earlier tests and retry less.
@@ -151,16 +150,8 @@ async def test_throttling_surfaces_in_boto3_and_after_retries_in_control_plane(
     assert cp_error.value.request_id
     after_cp = await Stats.take(admin)
     # The control plane has 3 attempts: one call, three throttled requests.
-    assert (
-        after_cp.injected("PollForJobs", "throttle")
-        - after_boto.injected("PollForJobs", "throttle")
-        == 3
-    )
-    assert (
-        after_cp.requests("PollForJobs", "ThrottlingException")
-        - before.requests("PollForJobs", "ThrottlingException")
-        == 4
-    )
+    assert after_cp.injected_since(after_boto, "PollForJobs", "throttle") == 3
+    assert after_cp.requests_since(before, "PollForJobs", "ThrottlingException") == 4
 
     # Throttled polls dispatched nothing: the job is still queued, and once the
     # throttling stops the job is there to be polled.
@@ -202,8 +193,8 @@ async def test_server_errors_keep_their_status(
     assert _error_code(boto_error.value) == code
 
     after = await Stats.take(admin)
-    assert after.injected("PollForJobs", kind) - before.injected("PollForJobs", kind) == 2
-    assert after.requests("PollForJobs", code) - before.requests("PollForJobs", code) == 2
+    assert after.injected_since(before, "PollForJobs", kind) == 2
+    assert after.requests_since(before, "PollForJobs", code) == 2
     assert await status_of(admin, job_id) == "Queued"
 
 
@@ -222,8 +213,8 @@ async def test_drop_breaks_the_connection_before_the_request_is_applied(
         await cp_no_retry.poll_for_jobs(action_type, 1)
 
     after = await Stats.take(admin)
-    assert after.injected("PollForJobs", "drop") - before.injected("PollForJobs", "drop") == 1
-    assert after.requests("PollForJobs", "dropped") - before.requests("PollForJobs", "dropped") == 1
+    assert after.injected_since(before, "PollForJobs", "drop") == 1
+    assert after.requests_since(before, "PollForJobs", "dropped") == 1
     assert after.requests("PollForJobs", "ok") == before.requests("PollForJobs", "ok")
     job = await admin.job(job_id)
     assert job["status"] == "Queued"
@@ -247,16 +238,8 @@ async def test_drop_response_applies_the_request_and_a_retry_is_idempotent(
         await cp_no_retry.acknowledge_job(job.id, job.nonce)
 
     after = await Stats.take(admin)
-    assert (
-        after.injected("AcknowledgeJob", "drop_response")
-        - before.injected("AcknowledgeJob", "drop_response")
-        == 1
-    )
-    assert (
-        after.requests("AcknowledgeJob", "dropped_response")
-        - before.requests("AcknowledgeJob", "dropped_response")
-        == 1
-    )
+    assert after.injected_since(before, "AcknowledgeJob", "drop_response") == 1
+    assert after.requests_since(before, "AcknowledgeJob", "dropped_response") == 1
     # Applied but unanswered: counted once, as dropped_response, not also as ok.
     assert after.requests("AcknowledgeJob", "ok") == before.requests("AcknowledgeJob", "ok")
     # The caller saw a broken connection, but the acknowledgement took effect.
@@ -293,10 +276,7 @@ async def test_wrong_nonce_fails_acknowledge_and_the_job_is_requeued(
     assert ack_error.value.code == "InvalidNonceException"
 
     after = await Stats.take(admin)
-    assert (
-        after.injected("PollForJobs", "wrong_nonce") - before.injected("PollForJobs", "wrong_nonce")
-        == 1
-    )
+    assert after.injected_since(before, "PollForJobs", "wrong_nonce") == 1
     history = await admin.job(job_id)
     assert [a["outcome"] for a in history["acknowledgements"]] == ["InvalidNonceException"]
     assert job.nonce not in [n["nonce"] for n in history["noncesIssued"]]
@@ -335,7 +315,7 @@ async def test_latency_setting_is_reported_applied_and_calls_still_succeed(
     expected = dict(_NO_FAULTS, latency_s=0.05, jitter_s=0.01)
     assert answer["operations"]["GetJobDetails"] == expected
 
-    now = await _faults_now(emulator)
+    now = await emulator.admin.faults()
     assert now["operations"]["GetJobDetails"] == expected
     assert now["global"] == _NO_FAULTS  # scoped to the one operation
 
@@ -370,19 +350,19 @@ async def test_invalid_fault_settings_are_refused(
     body: dict[str, Any], faults: FaultControl, admin: AdminClient, emulator: EmulatorProcess
 ) -> None:
     faults.track("PollForJobs")  # reset it even if a bad body were accepted
-    before = await _faults_now(emulator)
+    before = await emulator.admin.faults()
     with pytest.raises(EmulatorError, match=r"answered 400: bad FaultsUpdate body"):
         await admin.set_faults(body)
-    assert await _faults_now(emulator) == before
+    assert await emulator.admin.faults() == before
 
 
 async def test_unknown_operation_in_fault_settings_is_refused(
     admin: AdminClient, emulator: EmulatorProcess
 ) -> None:
-    before = await _faults_now(emulator)
+    before = await emulator.admin.faults()
     with pytest.raises(EmulatorError, match=r"unknown operations \['pollForJobs'\]; known: "):
         await admin.set_faults({"operations": {"pollForJobs": {"throttle_rate": 1.0}}})
-    assert await _faults_now(emulator) == before
+    assert await emulator.admin.faults() == before
 
 
 async def test_operation_settings_replace_the_global_ones(
@@ -410,14 +390,9 @@ async def test_operation_settings_replace_the_global_ones(
         await cp_no_retry.poll_for_jobs(action_type, 1)
 
     after = await Stats.take(admin)
-    assert (
-        after.injected("AcknowledgeJob", "throttle") - before.injected("AcknowledgeJob", "throttle")
-        == 1
-    )
-    assert (
-        after.injected("PollForJobs", "throttle") - before.injected("PollForJobs", "throttle") == 1
-    )
-    assert after.requests("PollForJobs", "ok") - before.requests("PollForJobs", "ok") == 1
+    assert after.injected_since(before, "AcknowledgeJob", "throttle") == 1
+    assert after.injected_since(before, "PollForJobs", "throttle") == 1
+    assert after.requests_since(before, "PollForJobs", "ok") == 1
 
     await faults.set(global_={})
     assert await cp_no_retry.acknowledge_job(job.id, job.nonce) == "InProgress"
@@ -457,11 +432,11 @@ async def test_stats_count_faults_by_operation_and_kind_and_requests_by_outcome(
         ("error_500", "InternalFailure"),
         ("error_503", "ServiceUnavailable"),
     ]:
-        injected = after.injected("PollForJobs", kind) - before.injected("PollForJobs", kind)
+        injected = after.injected_since(before, "PollForJobs", kind)
         assert injected == counts[code], kind
-        answered = after.requests("PollForJobs", code) - before.requests("PollForJobs", code)
+        answered = after.requests_since(before, "PollForJobs", code)
         assert answered == counts[code], code
-    ok = after.requests("PollForJobs", "ok") - before.requests("PollForJobs", "ok")
+    ok = after.requests_since(before, "PollForJobs", "ok")
     assert ok == counts["ok"]
     # No other operation was charged with these faults.
     for op in ("AcknowledgeJob", "GetJobDetails"):
