@@ -365,3 +365,19 @@ async def test_admin_refuses_a_negative_job_timeout(
     with pytest.raises(EmulatorError, match="answered 400: bad CreateJobs body: job_timeout_s"):
         await admin.create_jobs({"actionTypeId": m.to_builtins(action_type), "jobTimeoutS": -1})
     assert await admin.jobs(provider=action_type.provider) == []
+
+
+async def test_admin_lists_jobs_by_provider_and_status(
+    drv: Driver, make_jobs: JobFactory, action_type: m.ActionTypeId, admin: AdminClient
+) -> None:
+    ids = await make_jobs(3)
+    [(first, _, _)] = await drv.poll(action_type, 1)
+    listed = await admin.jobs(provider=action_type.provider)
+    assert {j["id"]: j["status"] for j in listed} == {
+        ids[0]: "Dispatched",
+        ids[1]: "Queued",
+        ids[2]: "Queued",
+    }
+    queued = await admin.jobs(status="Queued", provider=action_type.provider)
+    assert sorted(j["id"] for j in queued) == sorted(ids[1:])
+    assert first == ids[0]

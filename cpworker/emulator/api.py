@@ -157,7 +157,6 @@ class CodePipelineApi:
 
     async def _refresh_credentials(self, job: JobRecord) -> None:
         job.credentials = await self.s3.mint_credentials()
-        self.store.advance()
 
     async def get_job_details(self, p: dict[str, Any]) -> dict[str, Any]:
         job = self.store.get(p["jobId"], third_party=False)

@@ -33,9 +33,11 @@ class AdminClient:
         self._base = base_url.rstrip("/")
         self._http = http
 
-    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+    async def _request(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> Any:
         url = f"{self._base}/{path}"
-        async with self._http.request(method, url, json=body) as resp:
+        async with self._http.request(method, url, json=body, params=params) as resp:
             text = await resp.text()
             if resp.status != 200:
                 raise EmulatorError(f"{method} {url} answered {resp.status}: {text}")
@@ -53,10 +55,9 @@ class AdminClient:
 
     async def jobs(self, status: str | None = None, provider: str | None = None) -> list[Any]:
         """`GET /_emulator/jobs`: ids and status, optionally filtered."""
-        query = "&".join(
-            f"{k}={v}" for k, v in (("status", status), ("provider", provider)) if v is not None
-        )
-        answer = await self._request("GET", f"jobs?{query}" if query else "jobs")
+        filters = {"status": status, "provider": provider}
+        params = {k: v for k, v in filters.items() if v is not None}
+        answer = await self._request("GET", "jobs", params=params)
         jobs: list[Any] = answer["jobs"]
         return jobs
 
