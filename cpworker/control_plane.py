@@ -266,10 +266,12 @@ class ControlPlane:
 def _service_error(operation: str, exc: ClientError) -> ServiceError:
     error = exc.response.get("Error", {})
     meta = exc.response.get("ResponseMetadata", {})
-    return error_for(
+    service_error = error_for(
         str(error.get("Code", "Unknown")),
         str(error.get("Message", "")),
         operation=operation,
         request_id=meta.get("RequestId"),
         status=meta.get("HTTPStatusCode"),
     )
+    service_error.retry_attempts = int(meta.get("RetryAttempts") or 0)
+    return service_error

@@ -24,6 +24,9 @@ class ServiceError(CpWorkerError):
 
     code: str = "ServiceError"
     retryable: bool = False
+    # How many times botocore had already retried the call (its RetryAttempts): after a
+    # retry, an earlier attempt may have taken effect although its answer was lost.
+    retry_attempts: int = 0
 
     def __init__(
         self,
@@ -124,6 +127,41 @@ class TransportError(CpWorkerError):
     retryable = True
 
 
+class ArtifactError(CpWorkerError):
+    """An input or output artifact could not be moved or (un)packed.
+
+    `failure_type` is the CodePipeline failure type to report the job with, one of
+    `FAILURE_TYPES`. S3 errors map to `RevisionUnavailable` (the object or bucket is
+    gone), `PermissionError` (the job's artifact credentials were refused) or `JobFailed`
+    (anything else, including an archive that is corrupt or breaks the unpack rules).
+    `code` is S3's error code when S3 answered with one (e.g. `ExpiredToken`, which calls
+    for fresh credentials).
+    """
+
+    FAILURE_TYPES = frozenset(
+        {
+            "JobFailed",
+            "ConfigurationError",
+            "PermissionError",
+            "RevisionOutOfSync",
+            "RevisionUnavailable",
+            "SystemUnavailable",
+        }
+    )
+
+    def __init__(
+        self, message: str, *, failure_type: str = "JobFailed", code: str | None = None
+    ) -> None:
+        if failure_type not in self.FAILURE_TYPES:
+            raise ValueError(
+                f"failure_type={failure_type!r}: must be one of {sorted(self.FAILURE_TYPES)}"
+            )
+        self.failure_type = failure_type
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
 ERRORS_BY_CODE: dict[str, type[ServiceError]] = {
     cls.code: cls
     for cls in (
@@ -143,6 +181,14 @@ ERRORS_BY_CODE: dict[str, type[ServiceError]] = {
 # Other throttling codes botocore knows (botocore.retries.standard) mean the same to us.
 for _code in ("Throttling", "ThrottledException", "RequestLimitExceeded", "TooManyRequests"):
     ERRORS_BY_CODE[_code] = ThrottledError
+
+
+def first_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of an exception group (what one failed task of a task group raised)."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 def error_for(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -17,8 +18,10 @@ from aiobotocore.session import AioSession
 from botocore.config import Config
 
 from cpworker import models as m
+from cpworker.config import WorkerConfig, parse_config
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.emulator.client import AdminClient, EmulatorProcess
+from cpworker.worker import Worker
 
 # The emulator accepts any SigV4 identity; tests sign as this one.
 TEST_KEY_ID = "AKIDCPWORKERTESTS"
@@ -120,3 +123,51 @@ async def status_of(admin: AdminClient, job_id: str) -> str:
     job = await admin.job(job_id)
     status: str = job["status"]
     return status
+
+
+def worker_config(
+    emulator: EmulatorProcess, action_types: dict[str, dict[str, Any]], **settings: Any
+) -> WorkerConfig:
+    """A `WorkerConfig` pointed at the test emulator, with fast idle backoff."""
+    types = {
+        name: {"idle_backoff_floor_s": 0.01, "idle_backoff_ceiling_s": 0.05, **table}
+        for name, table in action_types.items()
+    }
+    raw = {
+        "codepipeline_endpoint_url": emulator.codepipeline,
+        "s3_endpoint_url": emulator.s3,
+        "api_max_attempts": 3,
+        "action_types": types,
+        **settings,
+    }
+    return parse_config(raw, {})
+
+
+def action_table(action_type: m.ActionTypeId, handler: str, **keys: Any) -> dict[str, Any]:
+    """One `[action_types.<name>]` table for `action_type`."""
+    return {
+        "category": action_type.category,
+        "owner": action_type.owner,
+        "provider": action_type.provider,
+        "version": action_type.version,
+        "handler": handler,
+        **keys,
+    }
+
+
+@asynccontextmanager
+async def running_worker(config: WorkerConfig, **options: Any) -> AsyncIterator[Worker]:
+    """A `Worker` running in the background (ready on entry), stopped and drained on exit."""
+    worker = Worker(config, session=aio_session(), **options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        yield worker
+        worker.stop()
+
+
+async def run_burst(config: WorkerConfig, timeout_s: float = 60.0, **options: Any) -> Worker:
+    """Run a worker in burst mode until every queue is empty and nothing runs."""
+    worker = Worker(config, session=aio_session(), burst=True, **options)
+    with anyio.fail_after(timeout_s):
+        await worker.run()
+    return worker

@@ -51,10 +51,18 @@ class CreateJobs(
     job_timeout_s: float | None = None
     continuation_delay_s: float | None = None
     share_credentials: bool = False
+    # Third-party jobs: the partner connection (client id and token) the jobs belong to;
+    # without them every job gets its own random pair.
+    client_id: str | None = None
+    client_token: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.count <= 100_000:
             raise ValueError(f"count={self.count}: must be between 1 and 100000")
+        if (self.client_id is None) != (self.client_token is None) or (
+            self.client_id is not None and not self.third_party
+        ):
+            raise ValueError("clientId and clientToken go together, and only with thirdParty")
 
 
 class Admin:
@@ -98,6 +106,8 @@ class Admin:
                 key, _job_data(spec, inputs), timeouts=timeouts, third_party=spec.third_party
             )
             job.credentials = credentials
+            if spec.client_id is not None:
+                job.client_id, job.client_token = spec.client_id, spec.client_token
             jobs.append(job)
         answer: dict[str, Any] = {"jobIds": [j.id for j in jobs]}
         if spec.third_party:

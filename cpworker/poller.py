@@ -1,0 +1,164 @@
+"""A poll loop: reserve free slots, poll for at most that many jobs, start them, back off.
+
+The loop never holds a polled job it cannot start: it reserves slots first, asks for
+`maxBatchSize = reserved` and gives back what the poll did not fill. Empty polls back
+off exponentially with full jitter between the action type's floor and ceiling and reset
+on the first non-empty poll; throttling, 5xx and connection failures back off the same
+way and never fail a job (no job is held while polling). Any other error is fatal: a
+crashed poller stops the worker, which Kubernetes restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from cpworker import models as m
+from cpworker.errors import ServiceError, TransportError
+from cpworker.runner import JobRunner
+from cpworker.slots import Pool, Reservation
+
+__all__ = ["Backoff", "JobBudget", "Poller"]
+
+log = logging.getLogger("cpworker.poller")
+
+
+class Backoff:
+    """Exponential backoff with full jitter: uniform(floor, min(ceiling, floor·2ⁿ))."""
+
+    def __init__(self, floor_s: float, ceiling_s: float, rng: random.Random | None = None) -> None:
+        self.floor_s, self.ceiling_s = floor_s, ceiling_s
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        top = min(self.ceiling_s, self.floor_s * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 64)
+        return self._rng.uniform(self.floor_s, top)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class JobBudget:
+    """`--max-jobs N`: how many more jobs the worker may take (unlimited when None)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def available(self, wanted: int) -> int:
+        return wanted if self.limit is None else min(wanted, self.limit - self.taken)
+
+    @property
+    def spent(self) -> bool:
+        return self.limit is not None and self.taken >= self.limit
+
+
+class Poller:
+    """One poll loop of one action type (a worker runs `poll_loops` of them per type)."""
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        pools: tuple[Pool, ...],
+        jobs: TaskGroup,
+        stopping: anyio.Event,
+        budget: JobBudget,
+        on_empty: Callable[[], None],
+    ) -> None:
+        self.runner = runner
+        self.config = runner.config
+        self.pools = pools
+        self.jobs = jobs
+        self.stopping = stopping
+        self.budget = budget
+        self.on_empty = on_empty
+        self.last_poll_empty = False
+        self.polls = 0
+        self.asked_max = 0
+        self._backoff = Backoff(
+            self.config.idle_backoff_floor_s, self.config.idle_backoff_ceiling_s
+        )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while not self.stopping.is_set() and not self.budget.spent:
+            wanted = self.budget.available(self.config.max_batch_size)
+            reservation = await Reservation.take(self.pools, wanted, self.stopping)
+            if reservation.count == 0:
+                return
+            started = await self._poll_and_start(reservation)
+            if started:
+                self._backoff.reset()
+                continue
+            if started == 0:
+                self.last_poll_empty = True
+                self.on_empty()
+            await self._pause(self._backoff.next())
+
+    async def _poll_and_start(self, reservation: Reservation) -> int | None:
+        """Poll for `reservation.count` jobs and start them; None after a retryable error."""
+        asked = reservation.count
+        self.polls += 1
+        self.asked_max = max(self.asked_max, asked)
+        try:
+            jobs = await self._poll(asked)
+        except (ServiceError, TransportError) as exc:
+            reservation.release(asked)
+            if isinstance(exc, ServiceError) and not exc.retryable:
+                raise
+            if getattr(exc, "code", "") == "ThrottlingException":
+                self.runner.metrics.api_throttles.labels(self._operation).inc()
+            log.warning("poll failed, backing off: %s", exc, extra={"event": "poll_retry"})
+            return None
+        if len(jobs) > asked:
+            log.error(
+                "a poll asked for %d jobs and got %d; only %d are started",
+                asked,
+                len(jobs),
+                asked,
+                extra={"event": "poll_overflow", "action_type": self.runner.name},
+            )
+            jobs = jobs[:asked]
+        reservation.release(asked - len(jobs))
+        self._count(asked, len(jobs))
+        for job in jobs:
+            self.runner.metrics.jobs_in_flight.labels(self.runner.name).inc()
+            self.jobs.start_soon(self._start, job, reservation)
+        if jobs:
+            self.last_poll_empty = False
+        return len(jobs)
+
+    def _count(self, asked: int, got: int) -> None:
+        self.budget.taken += got
+        metrics = self.runner.metrics
+        metrics.jobs_polled.labels(self.runner.name).inc(got)
+        metrics.poll_batch_fill.labels(self.runner.name).observe(got / asked)
+
+    @property
+    def _operation(self) -> str:
+        third = self.config.owner == "ThirdParty"
+        return "PollForThirdPartyJobs" if third else "PollForJobs"
+
+    async def _poll(self, count: int) -> tuple[Any, ...]:
+        cp, action = self.runner.cp, self.config.action_type_id
+        if self.config.owner == "ThirdParty":
+            return await cp.poll_for_third_party_jobs(action, count)
+        return await cp.poll_for_jobs(action, count, dict(self.config.query_param) or None)
+
+    async def _start(self, job: m.Job | m.ThirdPartyJob, reservation: Reservation) -> None:
+        if isinstance(job, m.ThirdPartyJob):
+            await self.runner.run_third_party(job, reservation)
+        else:
+            await self.runner.run_custom(job, reservation)
+
+    async def _pause(self, delay_s: float) -> None:
+        """Sleep `delay_s`, or less if the worker starts stopping."""
+        with anyio.move_on_after(delay_s):
+            await self.stopping.wait()

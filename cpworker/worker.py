@@ -1,0 +1,275 @@
+"""The supervisor: one `Worker` per process runs every configured action type.
+
+Lifecycle: starting → ready → draining → stopped. `Worker.run()` opens the control-plane
+client, checks that each action type is registered (and learns which configuration
+properties are secret), starts the poll loops in one anyio task group and reports
+readiness through `task_status`. `stop()` (SIGTERM/SIGINT under `cpworker run`) stops
+polling; running jobs get `shutdown_grace_s` to finish, then are cancelled and reported
+as failed (`SystemUnavailable`, "worker shutting down"). A second `stop()` skips the grace.
+With `burst=True` the worker stops once every poll loop has seen an empty queue and
+nothing runs; with `max_jobs=N` it stops after taking N jobs.
+
+    async with anyio.create_task_group() as tg:
+        worker = Worker(load_config("cpworker.toml"))
+        await tg.start(worker.run)
+        ...
+        worker.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from cpworker.config import ActionTypeConfig, ConfigError, WorkerConfig
+from cpworker.control_plane import ControlPlane, ControlPlaneSettings
+from cpworker.errors import CpWorkerError, ServiceError
+from cpworker.metrics import WorkerMetrics
+from cpworker.poller import JobBudget, Poller
+from cpworker.runner import Handler, JobRunner, RunnerSettings, load_handler
+from cpworker.s3 import S3Settings
+from cpworker.slots import Pool
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("cpworker.worker")
+
+
+class Worker:
+    """Runs the action types of one `WorkerConfig` until stopped."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        session: Any = None,
+        handlers: Mapping[str, Handler] | None = None,
+        burst: bool = False,
+        max_jobs: int | None = None,
+        handle_signals: bool = False,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.burst = burst
+        self.handle_signals = handle_signals
+        self.metrics = metrics or WorkerMetrics()
+        self.budget = JobBudget(max_jobs)
+        self.handlers = {
+            name: (handlers or {}).get(name)
+            or load_handler(t.handler, f"action_types.{name}.handler")
+            for name, t in config.action_types.items()
+        }
+        self.client_tokens = {
+            name: _client_tokens(name, t)
+            for name, t in config.action_types.items()
+            if t.owner == "ThirdParty"
+        }
+        self.state = "starting"
+        self.pools = {name: Pool(name, t.slots) for name, t in config.action_types.items()}
+        self.process_pool = Pool("process", config.max_concurrency)
+        self.pollers: list[Poller] = []
+        self.stopping = anyio.Event()
+        self._stop_now = anyio.Event()
+        self._jobs_done = anyio.Event()
+        self._set_state("starting")
+
+    # --- control -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop polling and drain; called twice, cancel running jobs without the grace."""
+        if self.stopping.is_set():
+            self._stop_now.set()
+            return
+        self._set_state("draining")
+        self.stopping.set()
+        for pool in (*self.pools.values(), self.process_pool):
+            pool.wake()
+        self._check_done()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(pool.in_use for pool in self.pools.values())
+
+    # --- run ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped; readiness is reported once every poll loop runs."""
+        settings = ControlPlaneSettings(
+            region=self.config.region,
+            endpoint_url=self.config.codepipeline_endpoint_url,
+            max_attempts=self.config.api_max_attempts,
+            pool_size=max(10, min(self.config.max_concurrency, 500)),
+        )
+        async with ControlPlane.open(settings, self.session) as cp:
+            runners = await self._runners(cp)
+            async with anyio.create_task_group() as outer:
+                if self.handle_signals:
+                    outer.start_soon(self._watch_signals)
+                await self._serve(runners, task_status)
+                outer.cancel_scope.cancel()
+        self._set_state("stopped")
+
+    async def _serve(self, runners: dict[str, JobRunner], task_status: TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as jobs:
+            async with anyio.create_task_group() as polls:
+                for name, runner in runners.items():
+                    pools = (self.pools[name], self.process_pool)
+                    for _ in range(runner.config.poll_loops):
+                        poller = Poller(
+                            runner, pools, jobs, self.stopping, self.budget, self._check_done
+                        )
+                        self.pollers.append(poller)
+                        await polls.start(poller.run)
+                self._set_state("ready")
+                task_status.started()
+            # Every poll loop has returned: stopping (or the job budget is spent).
+            if not self.stopping.is_set():
+                self.stop()
+            await self._drain(jobs.cancel_scope)
+
+    async def _drain(self, jobs: anyio.CancelScope) -> None:
+        """Let running jobs finish within the grace period, then cancel them."""
+        with anyio.move_on_after(self.config.shutdown_grace_s):
+            async with anyio.create_task_group() as race:
+
+                async def first(event: anyio.Event) -> None:
+                    await event.wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(first, self._jobs_done)
+                race.start_soon(first, self._stop_now)
+        if self.in_flight:
+            log.warning(
+                "cancelling %d running jobs; they are reported as failed",
+                self.in_flight,
+                extra={"event": "shutdown_cancel"},
+            )
+            jobs.cancel()
+
+    def _check_done(self) -> None:
+        """Called after each job and each empty poll: is it time to stop?"""
+        idle = self.in_flight == 0 and self.process_pool.in_use == 0
+        if self.stopping.is_set():
+            if idle:
+                self._jobs_done.set()
+        elif self.burst and idle and self.pollers and all(p.last_poll_empty for p in self.pollers):
+            log.info("burst: every queue is empty and nothing runs", extra={"event": "burst_done"})
+            self.stop()
+        elif self.budget.spent and idle:
+            self.stop()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info(
+                    "%s: %s",
+                    signal.Signals(signum).name,
+                    "stopping now" if self.stopping.is_set() else "draining",
+                    extra={"event": "signal"},
+                )
+                self.stop()
+
+    # --- set-up ------------------------------------------------------------------------
+
+    async def _runners(self, cp: ControlPlane) -> dict[str, JobRunner]:
+        secret_properties = await self._discover(cp)
+        work_root = Path(self.config.work_dir or tempfile.gettempdir())
+        settings = RunnerSettings(
+            result_deadline_s=self.config.result_deadline_s,
+            work_root=work_root,
+            s3=S3Settings(region=self.config.region, endpoint_url=self.config.s3_endpoint_url),
+            session=self.session,
+        )
+        runners = {}
+        for name, t in self.config.action_types.items():
+            self.metrics.slots.labels(name).set(t.slots)
+            runners[name] = JobRunner(
+                name=name,
+                config=t,
+                handler=self.handlers[name],
+                cp=cp,
+                settings=settings,
+                metrics=self.metrics,
+                secret_properties=secret_properties.get(name, frozenset()),
+                client_tokens=self.client_tokens.get(name),
+                on_done=self._job_done,
+            )
+        return runners
+
+    def _job_done(self) -> None:
+        slots = sum(t.slots for t in self.config.action_types.values())
+        self.metrics.slot_utilization.set(self.in_flight / min(slots, self.config.max_concurrency))
+        self._check_done()
+
+    async def _discover(self, cp: ControlPlane) -> dict[str, frozenset[str]]:
+        """Check each action type is registered; learn its secret configuration properties."""
+        secrets: dict[str, frozenset[str]] = {}
+        for owner in sorted({t.owner for t in self.config.action_types.values()}):
+            try:
+                registered = {a.id: a for a in await cp.list_action_types(owner)}
+            except ServiceError as exc:
+                log.warning(
+                    "cannot list action types (%s); secret configuration values are masked "
+                    "only by name",
+                    exc.code,
+                    extra={"event": "discovery_failed"},
+                )
+                continue
+            for name, t in self.config.action_types.items():
+                if t.owner != owner:
+                    continue
+                found = registered.get(t.action_type_id)
+                if found is None:
+                    raise CpWorkerError(
+                        f"action_types.{name}: {t.category}/{t.owner}/{t.provider}/{t.version} "
+                        f"is not registered in {self.config.region}; register it with "
+                        "`cpworker action-type register` or fix category/provider/version"
+                    )
+                secrets[name] = frozenset(
+                    p.name for p in found.action_configuration_properties if p.secret
+                )
+        return secrets
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.metrics.worker_state.state(state)
+        log.info("worker %s", state, extra={"event": f"worker_{state}"})
+
+
+def _client_tokens(name: str, config: ActionTypeConfig) -> Any:
+    """A lookup of client id → token, re-reading the file when an id is unknown."""
+    path = Path(config.client_tokens_file or "")
+    tokens: dict[str, str] = {}
+
+    def read() -> None:
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"action_types.{name}.client_tokens_file = {str(path)!r}: cannot read it as "
+                f"a JSON object of client id → client token ({type(exc).__name__})"
+            ) from None
+        if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
+            raise ConfigError(
+                f"action_types.{name}.client_tokens_file = {str(path)!r}: must hold a JSON "
+                'object of client id → client token, e.g. {"<client id>": "<token>"}'
+            )
+        tokens.clear()
+        tokens.update(loaded)
+
+    def lookup(client_id: str) -> str | None:
+        if client_id not in tokens:
+            read()
+        return tokens.get(client_id)
+
+    read()
+    return lookup

@@ -1,0 +1,151 @@
+"""Graceful shutdown of `cpworker run`, with real signals sent to a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+
+from cpworker import models as m
+from cpworker.emulator.client import AdminClient, EmulatorProcess
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, JobFactory, wait_for
+
+
+def write_config(
+    path: Path, emulator: EmulatorProcess, action_type: m.ActionTypeId, **keys: Any
+) -> Path:
+    seconds = keys.pop("seconds")
+    grace = keys.pop("grace")
+    path.write_text(
+        f"""
+codepipeline_endpoint_url = "{emulator.codepipeline}"
+s3_endpoint_url = "{emulator.s3}"
+shutdown_grace_s = {grace}
+log_format = "json"
+
+[action_types.sleepy]
+category = "{action_type.category}"
+provider = "{action_type.provider}"
+handler = "sleep"
+slots = 4
+idle_backoff_floor_s = 0.05
+idle_backoff_ceiling_s = 0.1
+
+[action_types.sleepy.handler_options]
+seconds = {seconds}
+"""
+    )
+    return path
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CPWORKER_"))}
+    env.update(AWS_ACCESS_KEY_ID=TEST_KEY_ID, AWS_SECRET_ACCESS_KEY=TEST_SECRET)
+    return env
+
+
+async def start_worker(config: Path) -> Process:
+    return await anyio.open_process(
+        [sys.executable, "-m", "cpworker", "run", "-c", str(config)],
+        env=worker_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def in_progress(admin: AdminClient, provider: str, count: int) -> bool:
+    return len(await admin.jobs(status="InProgress", provider=provider)) == count
+
+
+async def finish(process: Process, timeout_s: float = 30) -> tuple[int, list[dict[str, Any]]]:
+    """Wait for the worker to exit; its return code and JSON log lines."""
+    assert process.stderr is not None
+    chunks = []
+    with anyio.fail_after(timeout_s):
+        async for chunk in process.stderr:
+            chunks.append(chunk)
+        code = await process.wait()
+    lines = b"".join(chunks).decode().splitlines()
+    return code, [json.loads(line) for line in lines if line.startswith("{")]
+
+
+async def statuses(admin: AdminClient, ids: list[str]) -> Counter[str]:
+    return Counter([(await admin.job(i))["status"] for i in ids])
+
+
+async def test_sigterm_lets_running_jobs_finish_and_polls_no_more(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    tmp_path: Path,
+) -> None:
+    ids = await make_jobs(7, shareCredentials=True)
+    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=2.5, grace=30)
+    process = await start_worker(config)
+    await wait_for(lambda: in_progress(admin, action_type.provider, 4), what="4 jobs running")
+    process.send_signal(signal.SIGTERM)
+    code, logs = await finish(process)
+    assert code == 0
+    found = await statuses(admin, ids)
+    # The 4 running jobs finished within the grace; the other 3 were never polled.
+    assert found == Counter({"Succeeded": 4, "Queued": 3})
+    events = [entry.get("event") for entry in logs]
+    assert events.index("worker_draining") < events.index("worker_stopped")
+    done = [e for e in logs if e.get("event") == "job_done"]
+    assert [e["outcome"] for e in done] == ["succeeded"] * 4
+
+
+async def test_jobs_still_running_after_the_grace_are_reported_failed(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    tmp_path: Path,
+) -> None:
+    ids = await make_jobs(4, shareCredentials=True)
+    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=600, grace=0.5)
+    process = await start_worker(config)
+    await wait_for(lambda: in_progress(admin, action_type.provider, 4), what="4 jobs running")
+    process.send_signal(signal.SIGTERM)
+    code, _ = await finish(process)
+    assert code == 0
+    for job_id in ids:
+        history = await admin.job(job_id)
+        assert history["status"] == "Failed"
+        [result] = [r for r in history["results"] if r["outcome"] == "accepted"]
+        details = result["payload"]["failureDetails"]
+        assert details == {"type": "SystemUnavailable", "message": "worker shutting down"}
+
+
+async def test_a_second_signal_skips_the_grace(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    tmp_path: Path,
+) -> None:
+    ids = await make_jobs(2, shareCredentials=True)
+    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=600, grace=600)
+    process = await start_worker(config)
+    await wait_for(lambda: in_progress(admin, action_type.provider, 2), what="2 jobs running")
+    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    # The first signal was handled (the worker logged that it is draining) before the second.
+    seen = b""
+    with anyio.fail_after(10):
+        while b"worker_draining" not in seen:
+            seen += await process.stderr.receive()
+    process.send_signal(signal.SIGINT)
+    code, logs = await finish(process)
+    assert code == 0
+    assert await statuses(admin, ids) == Counter({"Failed": 2})
+    assert any(e.get("event") == "shutdown_cancel" for e in logs)
