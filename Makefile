@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak bench-emulator clean
+.PHONY: demo test soak bench-emulator bench-shutdown clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cpworker demo
+	$(BIN)/cpworker local
 
 test: $(STAMP)
 	$(BIN)/ruff check cpworker tests benchmarks
@@ -28,6 +28,10 @@ soak: $(STAMP)
 
 bench-emulator: $(STAMP)
 	$(BIN)/python benchmarks/emulator_load.py
+
+bench-shutdown: $(STAMP)
+	$(BIN)/python benchmarks/shutdown_drain.py
+	$(BIN)/python benchmarks/shutdown_drain.py --sleep-s 3 --grace-s 30
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

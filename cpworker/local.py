@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
-import aiohttp
 import anyio
 import msgspec
 from aiobotocore.session import AioSession
@@ -324,18 +323,16 @@ async def _register(codepipeline_url: str) -> None:
 
 async def _create_jobs(admin: AdminClient, modes: Sequence[str]) -> None:
     """Create the jobs in batches; each batch's modes are spread over the queue."""
+    spec = {
+        "actionTypeId": m.to_builtins(ACTION),
+        "inputArtifacts": [{"name": "SourceCode", "files": SOURCE_FILES}],
+        "outputArtifacts": ["BuildOutput"],
+        "shareCredentials": True,  # one STS credential per call, not one per job
+    }
     for start in range(0, len(modes), BATCH):
         for mode, count in Counter(modes[start : start + BATCH]).items():
-            await admin.create_jobs(
-                {
-                    "actionTypeId": m.to_builtins(ACTION),
-                    "count": count,
-                    "configuration": {"ProjectName": PROJECT, "Mode": mode},
-                    "inputArtifacts": [{"name": "SourceCode", "files": SOURCE_FILES}],
-                    "outputArtifacts": ["BuildOutput"],
-                    "shareCredentials": True,
-                }
-            )
+            configuration = {"ProjectName": PROJECT, "Mode": mode}
+            await admin.create_jobs({**spec, "count": count, "configuration": configuration})
 
 
 def worker_config(emulator: EmulatorProcess, concurrency: int) -> WorkerConfig:
@@ -355,11 +352,7 @@ def worker_config(emulator: EmulatorProcess, concurrency: int) -> WorkerConfig:
         "codepipeline_endpoint_url": emulator.codepipeline,
         "s3_endpoint_url": emulator.s3,
         "max_concurrency": concurrency,
-        # Short enough that Ctrl-C in a terminal, which stops the emulator too, ends the
-        # demo within seconds although the last results can no longer be reported.
         "shutdown_grace_s": 5.0,
-        "result_deadline_s": 5.0,
-        "api_max_attempts": 3,
         "log_level": "WARNING",
         "log_format": "text",
         "action_types": {"local": table},
@@ -387,12 +380,10 @@ async def _watch_progress(run: _Run) -> None:
     while True:
         try:
             jobs: dict[str, int] = (await run.admin.stats())["jobs"]
-        except (aiohttp.ClientError, EmulatorError):
+        except EmulatorError:
             if not run.interrupted:
                 raise
-            # Ctrl-C in a terminal reaches the emulator too: no result can be reported
-            # any more, so the worker stops without the grace period.
-            run.worker.stop()
+            run.worker.stop()  # the emulator is gone: no result can be reported any more
             return
         run.progress.show(jobs)
         if jobs and all(status in FINAL for status in jobs):
@@ -406,12 +397,9 @@ async def _watch_signals(run: _Run) -> None:
     """Ctrl-C / SIGTERM: stop the worker (graceful); a second one skips the grace."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
+            message = "\ninterrupted: stopping the worker (again to stop now)"
             if not run.interrupted:
-                print(
-                    "\ninterrupted: stopping the worker (again to stop now)",
-                    file=run.progress.out,
-                    flush=True,
-                )
+                print(message, file=run.progress.out, flush=True)
             run.interrupted = True
             run.worker.stop()
 
@@ -449,9 +437,9 @@ async def _histories(admin: AdminClient) -> list[dict[str, Any]]:
 
 
 async def _report_interrupted(run: _Run, emulator: EmulatorProcess) -> None:
-    """Where the jobs were left, if the emulator still runs (Ctrl-C in a terminal stops it too)."""
+    """Where the jobs were left, if the emulator still runs."""
     if emulator.process.returncode is None:
-        with contextlib.suppress(aiohttp.ClientError, EmulatorError):
+        with contextlib.suppress(EmulatorError):
             run.progress.show((await emulator.admin.stats())["jobs"], final=True)
     print("interrupted: the worker has stopped", file=run.progress.out, flush=True)
 
@@ -512,10 +500,4 @@ async def run_local(
 def main(jobs: int, concurrency: int, latency_ms: float) -> int:
     """`cpworker local`: the worker's warnings go to stderr as text, the rest to stdout."""
     configure_logging("WARNING", "text")
-    try:
-        return anyio.run(run_local, jobs, concurrency, latency_ms)
-    except aiohttp.ClientError as exc:
-        raise EmulatorError(
-            f"the emulator stopped answering its admin API ({type(exc).__name__}: {exc}); "
-            "its own errors, if any, are above on stderr"
-        ) from None
+    return anyio.run(run_local, jobs, concurrency, latency_ms)

@@ -278,9 +278,12 @@ class JobRunner:
         secrets = self._secrets(data)
         redactor.add(*secrets)
         io = _JobArtifacts(self.settings, data)
-        work_dir = Path(
-            tempfile.mkdtemp(prefix=f"cpworker-{job_id[:36]}-", dir=self.settings.work_root)
-        )
+        prefix = f"cpworker-{job_id[:36]}-"
+        with anyio.CancelScope(shield=True):  # made and then always removed, below
+            made = await anyio.to_thread.run_sync(
+                tempfile.mkdtemp, "", prefix, self.settings.work_root
+            )
+        work_dir = Path(made)
         job_log = JobLogger(logging.getLogger("cpworker.job"), _job_fields(job_id, self.name, data))
         try:
             context = JobContext(

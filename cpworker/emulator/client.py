@@ -37,11 +37,16 @@ class AdminClient:
         self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
     ) -> Any:
         url = f"{self._base}/{path}"
-        async with self._http.request(method, url, json=body, params=params) as resp:
-            text = await resp.text()
-            if resp.status != 200:
-                raise EmulatorError(f"{method} {url} answered {resp.status}: {text}")
-            return json.loads(text)
+        try:
+            async with self._http.request(method, url, json=body, params=params) as resp:
+                text = await resp.text()
+        except aiohttp.ClientError as exc:
+            raise EmulatorError(
+                f"{method} {url}: cannot reach the emulator ({type(exc).__name__}); is it running?"
+            ) from None
+        if resp.status != 200:
+            raise EmulatorError(f"{method} {url} answered {resp.status}: {text}")
+        return json.loads(text)
 
     async def create_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """`POST /_emulator/jobs`: returns `{"jobIds": [...]}` (and `clientTokens`)."""
@@ -101,8 +106,10 @@ class EmulatorProcess:
         command = [sys.executable, "-m", "cpworker", "emulator", "--port", "0", "--s3-port", "0"]
         # stderr is inherited, so the emulator's own errors show where the caller runs.
         environment = {**os.environ, **(env or {})}
+        # A session of its own: a terminal's Ctrl-C (sent to the whole process group) must
+        # not stop the emulator before the caller has finished with it; the caller stops it.
         async with await anyio.open_process(
-            [*command, *extra_args], stderr=None, env=environment
+            [*command, *extra_args], stderr=None, env=environment, start_new_session=True
         ) as process:
             try:
                 with anyio.fail_after(startup_timeout_s):
