@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import anyio
 
 from cpworker.config import ConfigError
-from cpworker.errors import CpWorkerError
+from cpworker.errors import CpWorkerError, first_exception
 
 SIGV4_KEYS_ENV = "CPWORKER_EMULATOR_SIGV4_KEYS"
 
@@ -114,7 +114,10 @@ def _run_worker(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(config.log_level, config.log_format)
     worker = Worker(config, burst=args.burst, max_jobs=args.max_jobs, handle_signals=True)
-    anyio.run(worker.run)
+    try:
+        anyio.run(worker.run)
+    except ExceptionGroup as group:  # a crashed poller: report its error, not the group
+        raise first_exception(group) from None
     return 0
 
 

@@ -38,9 +38,11 @@ __all__ = [
     "ActionTypeConfig",
     "ConfigError",
     "WorkerConfig",
+    "is_secret_key",
     "load_config",
     "masked",
     "parse_config",
+    "secret_values",
 ]
 
 ENV_PREFIX: Final = "CPWORKER_"
@@ -159,6 +161,34 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                     "query_param; merge them into one table"
                 )
             seen[route] = name
+
+
+def secret_values(value: Any) -> list[str]:
+    """Every string under a secret-looking key of a configuration table (for the redactor)."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _is_secret((k,)):
+                found += [v] if isinstance(v, str) else [str(x) for x in _leaves(v)]
+            else:
+                found += secret_values(v)
+    elif isinstance(value, list):
+        for v in value:
+            found += secret_values(v)
+    return found
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a key's name looks like it holds a secret (`api_token`, `password`, ...)."""
+    return _is_secret((key,))
 
 
 def masked(value: Any) -> Any:

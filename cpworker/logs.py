@@ -11,6 +11,7 @@ carry the job's fields (`job_id`, `action_type`, `pipeline`, `stage`, `action`,
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -41,12 +42,14 @@ class Redactor:
     def __init__(self) -> None:
         self._values: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
 
     def add(self, *values: str | None) -> None:
         with self._lock:
             for value in values:
                 if value and len(value) >= _MIN_SECRET:
                     self._values[value] = self._values.get(value, 0) + 1
+            self._pattern = None
 
     def discard(self, *values: str | None) -> None:
         with self._lock:
@@ -55,16 +58,17 @@ class Redactor:
                     self._values[value] -= 1
                     if not self._values[value]:
                         del self._values[value]
+            self._pattern = None
 
     def __call__(self, text: str) -> str:
         if not self._values:
             return text
-        with self._lock:
-            values = sorted(self._values, key=len, reverse=True)
-        for value in values:
-            if value in text:
-                text = text.replace(value, "***")
-        return text
+        pattern = self._pattern
+        if pattern is None:
+            with self._lock:
+                values = sorted(self._values, key=len, reverse=True)  # longest first
+                pattern = self._pattern = re.compile("|".join(map(re.escape, values)))
+        return pattern.sub("***", text)
 
 
 redactor: Final = Redactor()
@@ -79,14 +83,14 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redactor(record.getMessage()),
         }
         for name in FIELDS:
             value = getattr(record, name, None)
             if value is not None:
                 entry[name] = value
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redactor(self.formatException(record.exc_info))
         return redactor(msgspec.json.encode(entry).decode())
 
 

@@ -100,6 +100,12 @@ def check_outcome(outcome: object, *, third_party: bool = False) -> Outcome:
         _check_continue(outcome)
     else:
         _check_variables(outcome.output_variables, third_party)
+        revision = outcome.current_revision
+        if revision is not None and not isinstance(revision, m.CurrentRevision):
+            raise OutcomeError(
+                f"current_revision is a {type(revision).__name__}; "
+                "give a cpworker.models.CurrentRevision"
+            )
     return outcome
 
 

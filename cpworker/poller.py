@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from cpworker import models as m
-from cpworker.errors import ServiceError, TransportError
+from cpworker.errors import ServiceError, ThrottledError, TransportError
 from cpworker.runner import JobRunner
 from cpworker.slots import Pool, Reservation
 
@@ -46,14 +46,23 @@ class Backoff:
 
 
 class JobBudget:
-    """`--max-jobs N`: how many more jobs the worker may take (unlimited when None)."""
+    """`--max-jobs N`: how many more jobs the worker may take (unlimited when None).
+
+    A poll takes its share before it is sent and gives back what it did not get, so poll
+    loops running at once never ask for more than N jobs together.
+    """
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.taken = 0
 
-    def available(self, wanted: int) -> int:
-        return wanted if self.limit is None else min(wanted, self.limit - self.taken)
+    def take(self, wanted: int) -> int:
+        granted = wanted if self.limit is None else max(0, min(wanted, self.limit - self.taken))
+        self.taken += granted
+        return granted
+
+    def give_back(self, count: int) -> None:
+        self.taken -= count
 
     @property
     def spent(self) -> bool:
@@ -89,9 +98,12 @@ class Poller:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while not self.stopping.is_set() and not self.budget.spent:
-            wanted = self.budget.available(self.config.max_batch_size)
-            reservation = await Reservation.take(self.pools, wanted, self.stopping)
-            if reservation.count == 0:
+            reservation = await Reservation.take(
+                self.pools, self.config.max_batch_size, self.stopping
+            )
+            granted = self.budget.take(reservation.count)
+            reservation.release(reservation.count - granted)
+            if granted == 0:
                 return
             started = await self._poll_and_start(reservation)
             if started:
@@ -111,9 +123,10 @@ class Poller:
             jobs = await self._poll(asked)
         except (ServiceError, TransportError) as exc:
             reservation.release(asked)
+            self.budget.give_back(asked)
             if isinstance(exc, ServiceError) and not exc.retryable:
                 raise
-            if getattr(exc, "code", "") == "ThrottlingException":
+            if isinstance(exc, ThrottledError):
                 self.runner.metrics.api_throttles.labels(self._operation).inc()
             log.warning("poll failed, backing off: %s", exc, extra={"event": "poll_retry"})
             return None
@@ -127,6 +140,7 @@ class Poller:
             )
             jobs = jobs[:asked]
         reservation.release(asked - len(jobs))
+        self.budget.give_back(asked - len(jobs))
         self._count(asked, len(jobs))
         for job in jobs:
             self.runner.metrics.jobs_in_flight.labels(self.runner.name).inc()
@@ -136,7 +150,6 @@ class Poller:
         return len(jobs)
 
     def _count(self, asked: int, got: int) -> None:
-        self.budget.taken += got
         metrics = self.runner.metrics
         metrics.jobs_polled.labels(self.runner.name).inc(got)
         metrics.poll_batch_fill.labels(self.runner.name).observe(got / asked)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import random
 import shutil
 import tempfile
@@ -20,13 +21,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
 from cpworker import models as m
 from cpworker.artifacts import UnpackLimits, download_input, upload_output
-from cpworker.config import ActionTypeConfig, ConfigError
+from cpworker.config import ActionTypeConfig, ConfigError, is_secret_key
 from cpworker.context import ArtifactIO, JobContext, JobLogger
 from cpworker.control_plane import ControlPlane
 from cpworker.errors import (
@@ -36,12 +37,14 @@ from cpworker.errors import (
     InvalidNonceError,
     JobNotFoundError,
     ServiceError,
+    ThrottledError,
     TransportError,
     first_exception,
 )
 from cpworker.logs import redactor
 from cpworker.metrics import WorkerMetrics
 from cpworker.outcomes import Continue, Failed, Outcome, OutcomeError, Succeeded, check_outcome
+from cpworker.reporters import CustomReporter, Reporter, ThirdPartyReporter
 from cpworker.s3 import S3Settings, job_s3_client
 from cpworker.slots import Reservation
 
@@ -56,6 +59,8 @@ BUILTIN_HANDLERS = {
     "sleep": "cpworker.builtin:sleep",
 }
 SHUTDOWN_MESSAGE = "worker shutting down"
+# How long a job cancelled at shutdown may spend reporting its failure.
+SHUTDOWN_REPORT_S = 10.0
 # Answers that mean the job is no longer ours: it timed out, or another worker has it.
 _GONE = (InvalidJobStateError, JobNotFoundError, InvalidNonceError)
 
@@ -96,13 +101,6 @@ class RunnerSettings:
     s3: S3Settings = field(default_factory=S3Settings)
     unpack_limits: UnpackLimits = field(default_factory=UnpackLimits)
     session: Any = None
-
-
-class Reporter(Protocol):
-    """How one flow (custom or third-party) acknowledges and reports."""
-
-    async def success(self, outcome: Succeeded | Continue) -> None: ...
-    async def failure(self, outcome: Failed) -> None: ...
 
 
 class _JobArtifacts(ArtifactIO):
@@ -155,7 +153,7 @@ class JobRunner:
         cp: ControlPlane,
         settings: RunnerSettings,
         metrics: WorkerMetrics,
-        secret_properties: frozenset[str] = frozenset(),
+        secret_properties: frozenset[str] | None = frozenset(),
         client_tokens: Callable[[str], str | None] | None = None,
         on_done: Callable[[], None] = lambda: None,
     ) -> None:
@@ -217,12 +215,20 @@ class JobRunner:
         data: m.JobData,
         token: str | None,
     ) -> None:
-        if await self._acknowledge(job_id, ack):
-            reporter: Reporter = (
-                _CustomReporter(self, job_id)
-                if token is None
-                else _ThirdPartyReporter(self, job_id, token)
-            )
+        reporter: Reporter = (
+            CustomReporter(self.cp, job_id)
+            if token is None
+            else ThirdPartyReporter(self.cp, job_id, token)
+        )
+        try:
+            ours = await self._acknowledge(job_id, ack)
+        except anyio.get_cancelled_exc_class():
+            # Stopped while acknowledging: the acknowledgement may have landed, so report a
+            # failure (harmless if it did not: CodePipeline answers InvalidJobState).
+            failed = Failed(SHUTDOWN_MESSAGE, type="SystemUnavailable")
+            await self._report(job_id, reporter, failed, time.monotonic(), None, shutdown=True)
+            raise
+        if ours:
             await self._execute(job_id, data, reporter)
 
     async def _guarded(self, job_id: str, work: Awaitable[None]) -> None:
@@ -278,34 +284,43 @@ class JobRunner:
         secrets = self._secrets(data)
         redactor.add(*secrets)
         io = _JobArtifacts(self.settings, data)
-        prefix = f"cpworker-{job_id[:36]}-"
-        with anyio.CancelScope(shield=True):  # made and then always removed, below
-            made = await anyio.to_thread.run_sync(
-                tempfile.mkdtemp, "", prefix, self.settings.work_root
-            )
-        work_dir = Path(made)
         job_log = JobLogger(logging.getLogger("cpworker.job"), _job_fields(job_id, self.name, data))
+        work_dir: Path | None = None
         try:
-            context = JobContext(
-                job_id=job_id,
-                data=data,
-                io=io,
-                work_dir=work_dir,
-                options=self.config.handler_options,
-                third_party=self.config.owner == "ThirdParty",
-                log=job_log,
-            )
-            outcome = await self._outcome(context)
-            await self._report(job_id, reporter, outcome, started, job_log)
+            with anyio.CancelScope(shield=True):  # made here, always removed below
+                made = work_dir = Path(await anyio.to_thread.run_sync(self._make_work_dir, job_id))
+            outcome = await self._outcome(self._context(job_id, data, io, made, job_log))
         except anyio.get_cancelled_exc_class():
             failed = Failed(SHUTDOWN_MESSAGE, type="SystemUnavailable")
-            await self._report(job_id, reporter, failed, started, job_log)
+            await self._report(job_id, reporter, failed, started, job_log, shutdown=True)
             raise
+        except Exception as exc:  # the job is ours: whatever broke, it gets a result
+            job_log.exception("cannot run the job", extra={"event": "job_error"})
+            outcome = Failed(_describe(exc, "the worker could not run the job"), type="JobFailed")
+        try:
+            await self._report(job_id, reporter, outcome, started, job_log)
         finally:
             await io.aclose()
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
+            if work_dir is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
             redactor.discard(*secrets)
+
+    def _make_work_dir(self, job_id: str) -> str:
+        return tempfile.mkdtemp(prefix=f"cpworker-{job_id[:36]}-", dir=self.settings.work_root)
+
+    def _context(
+        self, job_id: str, data: m.JobData, io: ArtifactIO, work_dir: Path, job_log: JobLogger
+    ) -> JobContext:
+        return JobContext(
+            job_id=job_id,
+            data=data,
+            io=io,
+            work_dir=work_dir,
+            options=self.config.handler_options,
+            third_party=self.config.owner == "ThirdParty",
+            log=job_log,
+        )
 
     def _secrets(self, data: m.JobData) -> list[str]:
         values: list[str] = []
@@ -313,26 +328,29 @@ class JobRunner:
             c = data.artifact_credentials
             values += [c.access_key_id, c.secret_access_key, c.session_token]
         config = data.action_configuration.configuration if data.action_configuration else {}
-        values += [v for k, v in config.items() if k in self.secret_properties]
+        known = self.secret_properties
+        # Unknown (ListActionTypes failed): every property whose name looks secret.
+        values += [
+            v for k, v in config.items() if (is_secret_key(k) if known is None else k in known)
+        ]
         return values
 
     async def _outcome(self, context: JobContext) -> Outcome:
         """The handler's outcome, checked, with outputs uploaded; a failure if anything broke."""
         timeout = self.config.handler_timeout_s
         try:
-            with anyio.fail_after(timeout):
-                outcome = check_outcome(
-                    await self.handler(context), third_party=context.third_party
+            with anyio.move_on_after(timeout) as scope:
+                returned = await self.handler(context)
+            if scope.cancelled_caught:
+                return Failed(
+                    f"the handler did not finish within handler_timeout_s={timeout:g} s; "
+                    "raise the timeout or return Continue(...) and check back later",
+                    type="JobFailed",
                 )
-                if isinstance(outcome, Succeeded):
-                    await _upload_outputs(context)
-                return outcome
-        except TimeoutError:
-            return Failed(
-                f"the handler did not finish within handler_timeout_s={timeout:g} s; "
-                "raise the timeout or return Continue(...) and check back later",
-                type="JobFailed",
-            )
+            outcome = check_outcome(returned, third_party=context.third_party)
+            if isinstance(outcome, Succeeded):
+                await _upload_outputs(context)
+            return outcome
         except OutcomeError as exc:
             return Failed(f"the handler's outcome was refused: {exc}", type="JobFailed")
         except ArtifactError as exc:
@@ -344,13 +362,24 @@ class JobRunner:
     # --- report ----------------------------------------------------------------------
 
     async def _report(
-        self, job_id: str, reporter: Reporter, outcome: Outcome, started: float, job_log: JobLogger
+        self,
+        job_id: str,
+        reporter: Reporter,
+        outcome: Outcome,
+        started: float,
+        job_log: logging.LoggerAdapter[logging.Logger] | None,
+        *,
+        shutdown: bool = False,
     ) -> None:
-        """Send the one result, shielded; count what CodePipeline made of it."""
-        label = {Succeeded: "succeeded", Failed: "failed", Continue: "continued"}[type(outcome)]
-        fields: dict[str, Any] = {"event": "job_done", "outcome": label}
+        """Send the one result, shielded; count what CodePipeline made of it.
+
+        At shutdown the retries are bounded by `SHUTDOWN_REPORT_S`, not `result_deadline_s`.
+        """
+        label = _label(outcome)
+        fields: dict[str, Any] = {"event": "job_done", "outcome": label, "job_id": job_id}
         retried: list[bool] = []
-        with anyio.CancelScope(shield=True):
+        bound = min(SHUTDOWN_REPORT_S, self.settings.result_deadline_s) if shutdown else None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bound or math.inf) as scope:
             try:
                 if isinstance(outcome, Failed):
                     call = lambda: reporter.failure(outcome)  # noqa: E731
@@ -365,17 +394,20 @@ class JobRunner:
                 else:
                     label = "rejected"
                     fields.update(outcome="rejected", error_type=exc.code)
-            except CpWorkerError as exc:
+            except Exception as exc:  # refused, retries exhausted, or a bad value to encode
                 label = "rejected"
                 fields.update(
                     outcome="rejected", error_type=getattr(exc, "code", type(exc).__name__)
                 )
+        if scope.cancelled_caught:
+            label = "rejected"
+            fields.update(outcome="rejected", error_type="ShutdownReportTimeout")
         duration = time.monotonic() - started
         self.metrics.completed(self.name, label, duration)
         fields["duration_s"] = round(duration, 4)
         level = logging.WARNING if label == "rejected" else logging.INFO
         detail = outcome.message if isinstance(outcome, Failed) else ""
-        job_log.log(level, "job %s %s %s", job_id, label, detail, extra=fields)
+        (job_log or log).log(level, "job %s %s %s", job_id, label, detail, extra=fields)
 
     async def _retrying(
         self, operation: str, call: Callable[[], Awaitable[T]], retried: list[bool] | None = None
@@ -391,7 +423,7 @@ class JobRunner:
                 return await call()
             except (ServiceError, TransportError) as exc:
                 retryable = isinstance(exc, TransportError) or exc.retryable
-                if getattr(exc, "code", "") == "ThrottlingException":
+                if isinstance(exc, ThrottledError):
                     self.metrics.api_throttles.labels(operation).inc()
                 attempt += 1
                 delay = random.uniform(0, min(5.0, 0.1 * 2**attempt))
@@ -402,71 +434,16 @@ class JobRunner:
             await anyio.sleep(delay)
 
 
-class _CustomReporter:
-    def __init__(self, runner: JobRunner, job_id: str) -> None:
-        self.cp, self.job_id = runner.cp, job_id
-
-    async def success(self, outcome: Succeeded | Continue) -> None:
-        if isinstance(outcome, Continue):
-            await self.cp.put_job_success_result(
-                self.job_id,
-                execution_details=_details(outcome),
-                continuation_token=outcome.token,
-            )
-        else:
-            await self.cp.put_job_success_result(
-                self.job_id,
-                execution_details=_details(outcome),
-                current_revision=outcome.current_revision,
-                output_variables=outcome.output_variables or None,
-            )
-
-    async def failure(self, outcome: Failed) -> None:
-        await self.cp.put_job_failure_result(self.job_id, _failure(outcome))
+def _label(outcome: Outcome) -> str:
+    if isinstance(outcome, Failed):
+        return "failed"
+    return "continued" if isinstance(outcome, Continue) else "succeeded"
 
 
-class _ThirdPartyReporter:
-    def __init__(self, runner: JobRunner, job_id: str, token: str) -> None:
-        self.cp, self.job_id, self._token = runner.cp, job_id, token
-
-    async def success(self, outcome: Succeeded | Continue) -> None:
-        await self.cp.put_third_party_job_success_result(
-            self.job_id,
-            self._token,
-            execution_details=_details(outcome),
-            current_revision=outcome.current_revision if isinstance(outcome, Succeeded) else None,
-            continuation_token=outcome.token if isinstance(outcome, Continue) else None,
-        )
-
-    async def failure(self, outcome: Failed) -> None:
-        await self.cp.put_third_party_job_failure_result(
-            self.job_id, self._token, _failure(outcome)
-        )
-
-
-def _details(outcome: Succeeded | Continue) -> m.ExecutionDetails | None:
-    pct = outcome.percent_complete if isinstance(outcome, Continue) else 100
-    if outcome.summary is None and outcome.external_execution_id is None and pct is None:
-        return None
-    return m.ExecutionDetails(
-        summary=redactor(outcome.summary) if outcome.summary else outcome.summary,
-        external_execution_id=outcome.external_execution_id,
-        percent_complete=pct,
-    )
-
-
-def _failure(outcome: Failed) -> m.FailureDetails:
-    return m.FailureDetails(
-        type=outcome.type,
-        message=redactor(outcome.message)[:5000],
-        external_execution_id=outcome.external_execution_id,
-    )
-
-
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, what: str = "the handler raised") -> str:
     """A failure message from an exception: its type and text, secrets masked, bounded."""
     text = redactor(str(exc)).strip()
-    message = f"the handler raised {type(exc).__name__}" + (f": {text}" if text else "")
+    message = f"{what} {type(exc).__name__}" + (f": {text}" if text else "")
     return message[:4900]
 
 

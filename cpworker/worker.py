@@ -29,9 +29,10 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from cpworker.config import ActionTypeConfig, ConfigError, WorkerConfig
+from cpworker.config import ActionTypeConfig, ConfigError, WorkerConfig, secret_values
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.errors import CpWorkerError, ServiceError
+from cpworker.logs import redactor
 from cpworker.metrics import WorkerMetrics
 from cpworker.poller import JobBudget, Poller
 from cpworker.runner import Handler, JobRunner, RunnerSettings, load_handler
@@ -138,6 +139,7 @@ class Worker:
 
     async def _drain(self, jobs: anyio.CancelScope) -> None:
         """Let running jobs finish within the grace period, then cancel them."""
+        self._check_done()  # nothing may be running any more
         with anyio.move_on_after(self.config.shutdown_grace_s):
             async with anyio.create_task_group() as race:
 
@@ -191,6 +193,7 @@ class Worker:
         )
         runners = {}
         for name, t in self.config.action_types.items():
+            redactor.add(*secret_values(t.handler_options))  # for the process's lifetime
             self.metrics.slots.labels(name).set(t.slots)
             runners[name] = JobRunner(
                 name=name,
@@ -199,7 +202,7 @@ class Worker:
                 cp=cp,
                 settings=settings,
                 metrics=self.metrics,
-                secret_properties=secret_properties.get(name, frozenset()),
+                secret_properties=secret_properties.get(name),
                 client_tokens=self.client_tokens.get(name),
                 on_done=self._job_done,
             )
@@ -211,15 +214,19 @@ class Worker:
         self._check_done()
 
     async def _discover(self, cp: ControlPlane) -> dict[str, frozenset[str]]:
-        """Check each action type is registered; learn its secret configuration properties."""
+        """Check each action type is registered; learn its secret configuration properties.
+
+        When ListActionTypes is refused (e.g. not allowed by IAM), the check is skipped and
+        the values of configuration properties whose names look secret are masked instead.
+        """
         secrets: dict[str, frozenset[str]] = {}
         for owner in sorted({t.owner for t in self.config.action_types.values()}):
             try:
                 registered = {a.id: a for a in await cp.list_action_types(owner)}
             except ServiceError as exc:
                 log.warning(
-                    "cannot list action types (%s); secret configuration values are masked "
-                    "only by name",
+                    "cannot list action types (%s): not checking that they are registered; "
+                    "masking configuration values whose property names look secret",
                     exc.code,
                     extra={"event": "discovery_failed"},
                 )

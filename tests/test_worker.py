@@ -132,7 +132,10 @@ async def test_caps_hold_per_action_type_and_for_the_process(
 
 
 async def test_gauge_shows_jobs_in_flight_up_to_the_cap(
-    emulator: EmulatorProcess, make_jobs: JobFactory, action_type: m.ActionTypeId
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
 ) -> None:
     ids = await make_jobs(6, shareCredentials=True)
     gate = anyio.Event()
@@ -147,7 +150,9 @@ async def test_gauge_shows_jobs_in_flight_up_to_the_cap(
     async with running_worker(config, handlers={"a": held}) as worker:
         await wait_for(lambda: _true(len(entered) == 4), what="4 jobs running")
         assert worker.metrics.value("cpworker_jobs_in_flight", action_type="a") == 4
-        assert worker.pools["a"].in_use == 4  # no slot held by a poll beyond the cap
+        # With every slot taken no poll is sent: the other 2 jobs were never dispatched.
+        queued = {j["id"] for j in await admin.jobs(status="Queued", provider=action_type.provider)}
+        assert len(queued) == 2 and not queued & set(entered)
         gate.set()
         await wait_for(lambda: _true(len(entered) == 6), what="the other 2 jobs")
     assert sorted(entered) == sorted(ids)
@@ -170,7 +175,10 @@ CASES: dict[str, tuple[str, str]] = {
     "leak": ("JobFailed", "the handler raised ValueError: cannot log in with ***"),
     "missing_output": ("JobFailed", "without producing output artifact(s) Out"),
     "unknown_input": ("ConfigurationError", "no input artifact named 'Nope'"),
+    "option_leak": ("JobFailed", "the handler raised KeyError: '***'"),
+    "repeated_outputs": ("JobFailed", "the worker could not run the job CpWorkerError"),
 }
+OPTION_SECRET = "opt-secret-value-123"
 PASSWORD = "hunter2-correct-horse"
 
 
@@ -197,6 +205,8 @@ async def misbehave(job: JobContext) -> Outcome:
         raise ValueError(f"cannot log in with {job.configuration['Password']}")
     if case == "unknown_input":
         await job.inputs["Nope"].path()
+    if case == "option_leak":
+        raise KeyError(job.options["api_token"])
     return Succeeded("ok")  # missing_output: the declared output is never produced
 
 
@@ -231,12 +241,23 @@ async def test_bad_handlers_become_failed_jobs_with_clear_messages(
             {
                 "actionTypeId": m.to_builtins(action_type),
                 "configuration": {"Case": case, "Password": PASSWORD},
-                "outputArtifacts": ["Out"] if case == "missing_output" else [],
+                "outputArtifacts": {"missing_output": ["Out"], "repeated_outputs": ["O", "O"]}.get(
+                    case, []
+                ),
             }
         )
         ids[case] = answer["jobIds"][0]
     config = worker_config(
-        emulator, {"a": action_table(action_type, "echo", slots=20, handler_timeout_s=0.3)}
+        emulator,
+        {
+            "a": action_table(
+                action_type,
+                "echo",
+                slots=20,
+                handler_timeout_s=0.3,
+                handler_options={"api_token": OPTION_SECRET},
+            )
+        },
     )
     worker = await run_burst(config, handlers={"a": misbehave})
     for case, (failure_type, phrase) in CASES.items():
@@ -247,7 +268,7 @@ async def test_bad_handlers_become_failed_jobs_with_clear_messages(
         details = results[0]["payload"]["failureDetails"]
         assert details["type"] == failure_type, case
         assert phrase in details["message"], (case, details["message"])
-        assert PASSWORD not in details["message"]
+        assert PASSWORD not in details["message"] and OPTION_SECRET not in details["message"]
     assert worker.metrics.value(
         "cpworker_jobs_completed_total", action_type="a", outcome="failed"
     ) == len(CASES)
@@ -409,9 +430,8 @@ async def test_max_jobs_stops_after_n_jobs(
     action_type: m.ActionTypeId,
 ) -> None:
     ids = await make_jobs(12, shareCredentials=True)
-    config = worker_config(
-        emulator, {"a": action_table(action_type, "echo", slots=4, max_batch_size=4)}
-    )
+    table = action_table(action_type, "echo", slots=8, max_batch_size=4, poll_loops=4)
+    config = worker_config(emulator, {"a": table})
     worker = Worker(config, session=aio_session(), max_jobs=5)
     with anyio.fail_after(30):
         await worker.run()
