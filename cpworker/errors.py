@@ -6,6 +6,19 @@ Messages name what was wrong and what to do; they never contain credentials.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+# CodePipeline's failure types (FailureDetails.type), used by outcomes and artifact errors.
+FailureType = Literal[
+    "JobFailed",
+    "ConfigurationError",
+    "PermissionError",
+    "RevisionOutOfSync",
+    "RevisionUnavailable",
+    "SystemUnavailable",
+]
+FAILURE_TYPES: tuple[str, ...] = get_args(FailureType)
+
 
 class CpWorkerError(Exception):
     """Root of every error cpworker raises on purpose."""
@@ -138,16 +151,7 @@ class ArtifactError(CpWorkerError):
     for fresh credentials).
     """
 
-    FAILURE_TYPES = frozenset(
-        {
-            "JobFailed",
-            "ConfigurationError",
-            "PermissionError",
-            "RevisionOutOfSync",
-            "RevisionUnavailable",
-            "SystemUnavailable",
-        }
-    )
+    FAILURE_TYPES = frozenset(FAILURE_TYPES)
 
     def __init__(
         self, message: str, *, failure_type: str = "JobFailed", code: str | None = None

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Final
 
 import msgspec
 
-from cpworker.errors import ModelError
+from cpworker.errors import FAILURE_TYPES, ModelError
 
 __all__ = [
     "FAILURE_TYPES",
@@ -70,14 +70,7 @@ __all__ = [
     "encode",
 ]
 
-FAILURE_TYPES: Final = (
-    "JobFailed",
-    "ConfigurationError",
-    "PermissionError",
-    "RevisionOutOfSync",
-    "RevisionUnavailable",
-    "SystemUnavailable",
-)
+
 JOB_STATUSES: Final = (
     "Created",
     "Queued",

@@ -12,12 +12,12 @@ bad outcome becomes a clear job failure instead of a rejected API call::
 from __future__ import annotations
 
 import re
-from typing import Final, Literal
+from typing import Final
 
 import msgspec
 
 from cpworker import models as m
-from cpworker.errors import CpWorkerError
+from cpworker.errors import CpWorkerError, FailureType
 
 __all__ = [
     "Continue",
@@ -29,14 +29,6 @@ __all__ = [
     "check_outcome",
 ]
 
-FailureType = Literal[
-    "JobFailed",
-    "ConfigurationError",
-    "PermissionError",
-    "RevisionOutOfSync",
-    "RevisionUnavailable",
-    "SystemUnavailable",
-]
 
 # Limits from botocore's CodePipeline model (service-2.json).
 SUMMARY_MAX: Final = 2048
