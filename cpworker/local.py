@@ -34,6 +34,7 @@ from cpworker import models as m
 from cpworker.config import WorkerConfig, parse_config
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.emulator.client import AdminClient, EmulatorError, EmulatorProcess
+from cpworker.errors import first_exception
 from cpworker.logs import configure_logging
 from cpworker.worker import Worker
 
@@ -415,10 +416,7 @@ async def _run_worker(run: _Run) -> None:
             finally:
                 tg.cancel_scope.cancel()
     except ExceptionGroup as group:  # only plain exceptions: cancellation passes through
-        first: BaseException = group
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
+        raise first_exception(group) from None
 
 
 async def _histories(admin: AdminClient) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
+from cpworker.errors import ThrottledError
+
 __all__ = ["OUTCOMES", "STATES", "WorkerMetrics"]
 
 STATES: Final = ("starting", "ready", "draining", "stopped")
@@ -69,6 +71,11 @@ class WorkerMetrics:
         self.worker_state = Enum(
             "cpworker_worker_state", "Lifecycle state", states=list(STATES), registry=r
         )
+
+    def call_failed(self, operation: str, exc: Exception) -> None:
+        """Count a call that failed after botocore's retries (throttles by operation)."""
+        if isinstance(exc, ThrottledError):
+            self.api_throttles.labels(operation).inc()
 
     def completed(self, action_type: str, outcome: str, duration_s: float | None) -> None:
         self.jobs_completed.labels(action_type, outcome).inc()

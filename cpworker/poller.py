@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from cpworker import models as m
-from cpworker.errors import ServiceError, ThrottledError, TransportError
+from cpworker.errors import ServiceError, TransportError
 from cpworker.runner import JobRunner
 from cpworker.slots import Pool, Reservation
 
@@ -89,7 +89,6 @@ class Poller:
         self.budget = budget
         self.on_empty = on_empty
         self.last_poll_empty = False
-        self.polls = 0
         self.asked_max = 0
         self._backoff = Backoff(
             self.config.idle_backoff_floor_s, self.config.idle_backoff_ceiling_s
@@ -117,7 +116,6 @@ class Poller:
     async def _poll_and_start(self, reservation: Reservation) -> int | None:
         """Poll for `reservation.count` jobs and start them; None after a retryable error."""
         asked = reservation.count
-        self.polls += 1
         self.asked_max = max(self.asked_max, asked)
         try:
             jobs = await self._poll(asked)
@@ -126,8 +124,7 @@ class Poller:
             self.budget.give_back(asked)
             if isinstance(exc, ServiceError) and not exc.retryable:
                 raise
-            if isinstance(exc, ThrottledError):
-                self.runner.metrics.api_throttles.labels(self._operation).inc()
+            self.runner.metrics.call_failed(self._operation, exc)
             log.warning("poll failed, backing off: %s", exc, extra={"event": "poll_retry"})
             return None
         if len(jobs) > asked:

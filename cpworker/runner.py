@@ -37,7 +37,6 @@ from cpworker.errors import (
     InvalidNonceError,
     JobNotFoundError,
     ServiceError,
-    ThrottledError,
     TransportError,
     first_exception,
 )
@@ -423,8 +422,7 @@ class JobRunner:
                 return await call()
             except (ServiceError, TransportError) as exc:
                 retryable = isinstance(exc, TransportError) or exc.retryable
-                if isinstance(exc, ThrottledError):
-                    self.metrics.api_throttles.labels(operation).inc()
+                self.metrics.call_failed(operation, exc)
                 attempt += 1
                 delay = random.uniform(0, min(5.0, 0.1 * 2**attempt))
                 if not retryable or time.monotonic() + delay > deadline:

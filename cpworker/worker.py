@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from cpworker.config import ActionTypeConfig, ConfigError, WorkerConfig, secret_values
+from cpworker.config import ConfigError, WorkerConfig, secret_values
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.errors import CpWorkerError, ServiceError
 from cpworker.logs import redactor
@@ -70,11 +70,10 @@ class Worker:
             for name, t in config.action_types.items()
         }
         self.client_tokens = {
-            name: _client_tokens(name, t)
+            name: ClientTokens(name, Path(t.client_tokens_file or ""))
             for name, t in config.action_types.items()
             if t.owner == "ThirdParty"
         }
-        self.state = "starting"
         self.pools = {name: Pool(name, t.slots) for name, t in config.action_types.items()}
         self.process_pool = Pool("process", config.max_concurrency)
         self.pollers: list[Poller] = []
@@ -82,6 +81,8 @@ class Worker:
         self._stop_now = anyio.Event()
         self._jobs_done = anyio.Event()
         self._set_state("starting")
+        capacity = min(sum(p.capacity for p in self.pools.values()), config.max_concurrency)
+        self.metrics.slot_utilization.set_function(lambda: self.in_flight / capacity)
 
     # --- control -----------------------------------------------------------------------
 
@@ -203,15 +204,12 @@ class Worker:
                 settings=settings,
                 metrics=self.metrics,
                 secret_properties=secret_properties.get(name),
-                client_tokens=self.client_tokens.get(name),
-                on_done=self._job_done,
+                client_tokens=self.client_tokens[name].lookup
+                if name in self.client_tokens
+                else None,
+                on_done=self._check_done,
             )
         return runners
-
-    def _job_done(self) -> None:
-        slots = sum(t.slots for t in self.config.action_types.values())
-        self.metrics.slot_utilization.set(self.in_flight / min(slots, self.config.max_concurrency))
-        self._check_done()
 
     async def _discover(self, cp: ControlPlane) -> dict[str, frozenset[str]]:
         """Check each action type is registered; learn its secret configuration properties.
@@ -252,31 +250,43 @@ class Worker:
         log.info("worker %s", state, extra={"event": f"worker_{state}"})
 
 
-def _client_tokens(name: str, config: ActionTypeConfig) -> Any:
-    """A lookup of client id → token, re-reading the file when an id is unknown."""
-    path = Path(config.client_tokens_file or "")
-    tokens: dict[str, str] = {}
+class ClientTokens:
+    """Third-party client id → client token, from `client_tokens_file`.
 
-    def read() -> None:
+    The file is read again when an unknown client id shows up and the file has changed
+    since (a rotated Kubernetes Secret), so an unknown id costs one `stat`, not a read.
+    """
+
+    def __init__(self, name: str, path: Path) -> None:
+        self._name, self._path = name, path
+        self._tokens: dict[str, str] = {}
+        self._read_at: float | None = None
+        self._read()
+
+    def lookup(self, client_id: str) -> str | None:
+        if client_id not in self._tokens and self._changed():
+            self._read()
+        return self._tokens.get(client_id)
+
+    def _changed(self) -> bool:
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            return self._path.stat().st_mtime != self._read_at
+        except OSError:
+            return True
+
+    def _read(self) -> None:
+        where = f"action_types.{self._name}.client_tokens_file = {str(self._path)!r}"
+        try:
+            mtime = self._path.stat().st_mtime
+            loaded = json.loads(self._path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(
-                f"action_types.{name}.client_tokens_file = {str(path)!r}: cannot read it as "
-                f"a JSON object of client id → client token ({type(exc).__name__})"
+                f"{where}: cannot read it as a JSON object of client id → client token "
+                f"({type(exc).__name__})"
             ) from None
         if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
             raise ConfigError(
-                f"action_types.{name}.client_tokens_file = {str(path)!r}: must hold a JSON "
-                'object of client id → client token, e.g. {"<client id>": "<token>"}'
+                f"{where}: must hold a JSON object of client id → client token, "
+                'e.g. {"<client id>": "<token>"}'
             )
-        tokens.clear()
-        tokens.update(loaded)
-
-    def lookup(client_id: str) -> str | None:
-        if client_id not in tokens:
-            read()
-        return tokens.get(client_id)
-
-    read()
-    return lookup
+        self._tokens, self._read_at = loaded, mtime

@@ -7,6 +7,7 @@ is checked against the emulator's own job histories, not only the worker's count
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ import anyio
 import pytest
 
 from cpworker import models as m
+from cpworker.config import ConfigError
 from cpworker.context import JobContext
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.emulator.client import AdminClient, EmulatorProcess
 from cpworker.errors import CpWorkerError
 from cpworker.outcomes import Continue, Failed, Outcome, Succeeded
-from cpworker.worker import Worker
+from cpworker.worker import ClientTokens, Worker
 from tests.conftest import (
     JobFactory,
     action_table,
@@ -150,6 +152,7 @@ async def test_gauge_shows_jobs_in_flight_up_to_the_cap(
     async with running_worker(config, handlers={"a": held}) as worker:
         await wait_for(lambda: _true(len(entered) == 4), what="4 jobs running")
         assert worker.metrics.value("cpworker_jobs_in_flight", action_type="a") == 4
+        assert worker.metrics.value("cpworker_slot_utilization_ratio") == 1.0
         # With every slot taken no poll is sent: the other 2 jobs were never dispatched.
         queued = {j["id"] for j in await admin.jobs(status="Queued", provider=action_type.provider)}
         assert len(queued) == 2 and not queued & set(entered)
@@ -447,3 +450,19 @@ async def test_an_unregistered_action_type_stops_the_worker_at_start(
     config = worker_config(emulator, {"a": action_table(action_type, "echo")})
     with pytest.raises(CpWorkerError, match=r"action_types\.a: .* is not registered"):
         await Worker(config, session=aio_session()).run()
+
+
+def test_client_tokens_are_read_again_only_when_the_file_changed(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"c1": "token-1"}))
+    tokens = ClientTokens("p", path)
+    assert tokens.lookup("c1") == "token-1"
+    stat = path.stat()
+    path.write_text(json.dumps({"c1": "token-1", "c2": "token-2"}))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: not read again
+    assert tokens.lookup("c2") is None
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rotated
+    assert tokens.lookup("c2") == "token-2"
+    path.write_text("not json")
+    with pytest.raises(ConfigError, match=r"action_types\.p\.client_tokens_file = .*JSON"):
+        tokens.lookup("c3")
