@@ -77,6 +77,26 @@ async def finish(process: Process, timeout_s: float = 30) -> tuple[int, list[dic
     return code, [json.loads(line) for line in lines if line.startswith("{")]
 
 
+async def running_worker_process(
+    emulator: EmulatorProcess,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    tmp_path: Path,
+    *,
+    jobs: int,
+    running: int,
+    seconds: float,
+    grace: float,
+) -> tuple[list[str], Process]:
+    """`cpworker run` as a subprocess with `running` sleep jobs in progress (of `jobs`)."""
+    ids = await make_jobs(jobs, shareCredentials=True)
+    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=seconds, grace=grace)
+    process = await start_worker(config)
+    check = lambda: in_progress(emulator.admin, action_type.provider, running)  # noqa: E731
+    await wait_for(check, what=f"{running} jobs running")
+    return ids, process
+
+
 async def statuses(admin: AdminClient, ids: list[str]) -> Counter[str]:
     return Counter([(await admin.job(i))["status"] for i in ids])
 
@@ -88,10 +108,16 @@ async def test_sigterm_lets_running_jobs_finish_and_polls_no_more(
     action_type: m.ActionTypeId,
     tmp_path: Path,
 ) -> None:
-    ids = await make_jobs(7, shareCredentials=True)
-    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=2.5, grace=30)
-    process = await start_worker(config)
-    await wait_for(lambda: in_progress(admin, action_type.provider, 4), what="4 jobs running")
+    ids, process = await running_worker_process(
+        emulator,
+        make_jobs,
+        action_type,
+        tmp_path,
+        jobs=7,
+        running=4,
+        seconds=2.5,
+        grace=30,
+    )
     process.send_signal(signal.SIGTERM)
     code, logs = await finish(process)
     assert code == 0
@@ -111,10 +137,16 @@ async def test_jobs_still_running_after_the_grace_are_reported_failed(
     action_type: m.ActionTypeId,
     tmp_path: Path,
 ) -> None:
-    ids = await make_jobs(4, shareCredentials=True)
-    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=600, grace=0.5)
-    process = await start_worker(config)
-    await wait_for(lambda: in_progress(admin, action_type.provider, 4), what="4 jobs running")
+    ids, process = await running_worker_process(
+        emulator,
+        make_jobs,
+        action_type,
+        tmp_path,
+        jobs=4,
+        running=4,
+        seconds=600,
+        grace=0.5,
+    )
     process.send_signal(signal.SIGTERM)
     code, _ = await finish(process)
     assert code == 0
@@ -133,10 +165,16 @@ async def test_a_second_signal_skips_the_grace(
     action_type: m.ActionTypeId,
     tmp_path: Path,
 ) -> None:
-    ids = await make_jobs(2, shareCredentials=True)
-    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=600, grace=600)
-    process = await start_worker(config)
-    await wait_for(lambda: in_progress(admin, action_type.provider, 2), what="2 jobs running")
+    ids, process = await running_worker_process(
+        emulator,
+        make_jobs,
+        action_type,
+        tmp_path,
+        jobs=2,
+        running=2,
+        seconds=600,
+        grace=600,
+    )
     process.send_signal(signal.SIGTERM)
     assert process.stderr is not None
     # The first signal was handled (the worker logged that it is draining) before the second.
