@@ -44,6 +44,13 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--wrong-nonce-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None, help="seed of the fault injection")
     p.add_argument(
+        "--credential-ttl-s",
+        type=float,
+        default=None,
+        help="artifact credentials expire this long after they are minted; S3 then answers "
+        "ExpiredToken (default: they never expire)",
+    )
+    p.add_argument(
         "--verify-sigv4",
         action="store_true",
         help=f"verify request signatures against the keys in ${SIGV4_KEYS_ENV} "
@@ -70,6 +77,9 @@ def _run_emulator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"cpworker emulator: ${SIGV4_KEYS_ENV}: {exc}", file=sys.stderr)
         return 2
+    if args.credential_ttl_s is not None and not args.credential_ttl_s > 0:
+        print("cpworker emulator: --credential-ttl-s must be more than 0", file=sys.stderr)
+        return 2
     settings = EmulatorSettings(
         host=args.host,
         port=args.port,
@@ -78,6 +88,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         faults=faults,
         seed=args.seed,
         sigv4_keys=keys,
+        credential_ttl_s=args.credential_ttl_s,
     )
     anyio.run(serve, settings)
     return 0

@@ -82,6 +82,7 @@ class ActionTypeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     idle_backoff_ceiling_s: float = 5.0
     handler_timeout_s: float = 3600.0
     client_tokens_file: str | None = None
+    output_format: Literal["zip", "tar", "tar.gz", "input"] = "zip"
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.provider) <= 35:
@@ -138,6 +139,16 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     work_dir: str | None = None
+    # Artifacts (sizes in MiB, fractions allowed).
+    artifact_credentials_refresh_s: float = 600.0
+    transfer_part_size_mib: float = 8.0
+    multipart_threshold_mib: float = 16.0
+    transfer_concurrency_per_job: int = 8
+    transfer_concurrency: int = 32
+    disk_budget_mib: float = 0.0
+    unpack_max_files: int = 100_000
+    unpack_max_mib: float = 10_240.0
+    unpack_max_ratio: float = 200.0
 
     def __post_init__(self) -> None:
         if not self.action_types:
@@ -145,10 +156,26 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 "no action types: add at least one [action_types.<name>] table with "
                 "category, provider and handler"
             )
-        for name in ("max_concurrency", "api_max_attempts"):
+        for name in (
+            "max_concurrency",
+            "api_max_attempts",
+            "transfer_concurrency_per_job",
+            "transfer_concurrency",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be 1 or more")
-        _positive("result_deadline_s", self.result_deadline_s)
+        for name in (
+            "result_deadline_s",
+            "artifact_credentials_refresh_s",
+            "transfer_part_size_mib",
+            "multipart_threshold_mib",
+            "unpack_max_mib",
+            "unpack_max_ratio",
+        ):
+            _positive(name, getattr(self, name))
+        for name in ("disk_budget_mib", "unpack_max_files"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be 0 or more")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s!r}: must be 0 or more")
         seen: dict[Any, str] = {}

@@ -10,21 +10,27 @@
         return Succeeded("built")                        # outputs are uploaded first
 
 Artifacts are found by name, never by position. An output whose directory was used (or
-that was uploaded with `upload()`) is zipped and uploaded before a `Succeeded` outcome is
-reported; a failed upload fails the job. Every declared output must be produced.
+that was uploaded with `upload()` or written with `writer()`) is packed and uploaded
+before a `Succeeded` outcome is reported; a failed upload fails the job. Every declared
+output must be produced. `inputs[n].stream()` and `outputs[n].writer()` move an
+artifact's bytes as they are, without unpacking or touching disk.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
 from cpworker import models as m
 from cpworker.errors import ArtifactError, CpWorkerError
+
+if TYPE_CHECKING:
+    from cpworker.transfers import ArtifactWriter
 
 __all__ = ["ArtifactIO", "InputArtifact", "JobContext", "JobLogger", "OutputArtifact"]
 
@@ -38,6 +44,12 @@ class ArtifactIO:
         raise NotImplementedError
 
     async def upload(self, artifact: m.Artifact, source: Path) -> int:
+        raise NotImplementedError
+
+    def stream(self, artifact: m.Artifact, chunk_size: int) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+    def writer(self, artifact: m.Artifact) -> AbstractAsyncContextManager[ArtifactWriter]:
         raise NotImplementedError
 
 
@@ -61,6 +73,15 @@ class InputArtifact:
                 self._path = await self._io.download(self.artifact, self._target)
             return self._path
 
+    def stream(self, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The artifact's bytes as stored (the zip or tar itself), in order, never on disk::
+
+        async with contextlib.aclosing(job.inputs["Src"].stream()) as chunks:
+            async for chunk in chunks:
+                digest.update(chunk)
+        """
+        return self._io.stream(self.artifact, chunk_size)
+
     def __repr__(self) -> str:
         return f"InputArtifact(name={self.name!r}, revision={self.revision!r})"
 
@@ -78,16 +99,30 @@ class OutputArtifact:
 
     @property
     def path(self) -> Path:
-        """A private directory whose contents become this artifact's zip."""
+        """A private directory whose contents become this artifact's archive."""
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.used = True
         return self._directory
 
     async def upload(self, directory: Path | None = None) -> int:
-        """Zip `directory` (default: `path`) and upload it now; returns the zip's size."""
+        """Pack `directory` (default: `path`) and upload it now; returns the archive's size."""
         source = self.path if directory is None else directory
         self.uploaded_bytes = await self._io.upload(self.artifact, source)
         return self.uploaded_bytes
+
+    @asynccontextmanager
+    async def writer(self) -> AsyncIterator[ArtifactWriter]:
+        """Write the artifact's bytes as they are to be stored, never on disk::
+
+            async with job.outputs["Out"].writer() as out:
+                await out.write(zip_bytes)
+
+        Parts are uploaded while the handler writes; the artifact exists once the block
+        ends without an error (an error aborts the upload and is raised).
+        """
+        async with self._io.writer(self.artifact) as writer:
+            yield writer
+        self.uploaded_bytes = writer.size
 
     @property
     def pending(self) -> bool:

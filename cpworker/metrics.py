@@ -68,6 +68,24 @@ class WorkerMetrics:
             ["operation"],
             registry=r,
         )
+        self.artifact_bytes = Counter(
+            "cpworker_artifact_bytes",
+            "Artifact bytes moved to or from S3",
+            ["direction"],
+            registry=r,
+        )
+        self.credential_renewals = Counter(
+            "cpworker_credential_renewals",
+            "Artifact credential renewals (GetJobDetails), by reason: scheduled or refused "
+            "(S3 refused the credentials)",
+            ["reason"],
+            registry=r,
+        )
+        self.credential_renewal_failures = Counter(
+            "cpworker_credential_renewal_failures",
+            "Artifact credential renewals that failed",
+            registry=r,
+        )
         self.worker_state = Enum(
             "cpworker_worker_state", "Lifecycle state", states=list(STATES), registry=r
         )
@@ -76,6 +94,9 @@ class WorkerMetrics:
         """Count a call that failed after botocore's retries (throttles by operation)."""
         if isinstance(exc, ThrottledError):
             self.api_throttles.labels(operation).inc()
+
+    def artifact_bytes_moved(self, direction: str, count: int) -> None:
+        self.artifact_bytes.labels(direction).inc(count)
 
     def completed(self, action_type: str, outcome: str, duration_s: float | None) -> None:
         self.jobs_completed.labels(action_type, outcome).inc()

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import anyio
 
 from cpworker import models as m
-from cpworker.artifacts import UnpackLimits, download_input, upload_output
+from cpworker.artifacts import ArtifactSettings, DiskBudget, JobArtifacts
 from cpworker.config import ActionTypeConfig, ConfigError, is_secret_key
 from cpworker.context import ArtifactIO, JobContext, JobLogger
 from cpworker.control_plane import ControlPlane
@@ -44,14 +44,16 @@ from cpworker.logs import redactor
 from cpworker.metrics import WorkerMetrics
 from cpworker.outcomes import Continue, Failed, Outcome, OutcomeError, Succeeded, check_outcome
 from cpworker.reporters import CustomReporter, Reporter, ThirdPartyReporter
-from cpworker.s3 import S3Settings, job_s3_client
+from cpworker.s3 import JobCredentials
 from cpworker.slots import Reservation
+from cpworker.transfers import Transfers
 
 __all__ = ["BUILTIN_HANDLERS", "Handler", "JobRunner", "RunnerSettings", "load_handler"]
 
 log = logging.getLogger("cpworker.runner")
 T = TypeVar("T")
 Handler = Callable[[JobContext], Awaitable[Outcome]]
+CredentialsFetcher = Callable[[], Awaitable[m.ArtifactCredentials]]
 BUILTIN_HANDLERS = {
     "shell": "cpworker.builtin:shell",
     "echo": "cpworker.builtin:echo",
@@ -95,49 +97,11 @@ def load_handler(spec: str, key: str = "handler") -> Handler:
 class RunnerSettings:
     """What every job of one worker shares."""
 
+    transfers: Transfers
     result_deadline_s: float = 120.0
     work_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
-    s3: S3Settings = field(default_factory=S3Settings)
-    unpack_limits: UnpackLimits = field(default_factory=UnpackLimits)
-    session: Any = None
-
-
-class _JobArtifacts(ArtifactIO):
-    """One job's S3 client, opened on first use with the job's artifact credentials."""
-
-    def __init__(self, settings: RunnerSettings, data: m.JobData) -> None:
-        self._settings = settings
-        self._data = data
-        self._client: Any = None
-        self._stack: Any = None
-        self._lock = anyio.Lock()
-
-    async def _s3(self) -> Any:
-        async with self._lock:
-            if self._client is None:
-                creds = self._data.artifact_credentials
-                if creds is None:
-                    raise ArtifactError(
-                        "the job came without artifact credentials; CodePipeline sends them "
-                        "with every job that has artifacts",
-                        failure_type="SystemUnavailable",
-                    )
-                self._stack = job_s3_client(self._settings.s3, creds, self._settings.session)
-                self._client = await self._stack.__aenter__()
-            return self._client
-
-    async def download(self, artifact: m.Artifact, target: Path) -> Path:
-        limits = self._settings.unpack_limits
-        return await download_input(await self._s3(), artifact, target, limits)
-
-    async def upload(self, artifact: m.Artifact, source: Path) -> int:
-        return await upload_output(await self._s3(), artifact, source, self._data.encryption_key)
-
-    async def aclose(self) -> None:
-        if self._stack is not None:
-            with anyio.CancelScope(shield=True):
-                await self._stack.__aexit__(None, None, None)
-            self._client = self._stack = None
+    artifacts: ArtifactSettings = field(default_factory=ArtifactSettings)
+    disk: DiskBudget = field(default_factory=lambda: DiskBudget(0, Path(tempfile.gettempdir())))
 
 
 class JobRunner:
@@ -228,7 +192,7 @@ class JobRunner:
             await self._report(job_id, reporter, failed, time.monotonic(), None, shutdown=True)
             raise
         if ours:
-            await self._execute(job_id, data, reporter)
+            await self._execute(job_id, data, reporter, self._details_fetcher(job_id, token))
 
     async def _guarded(self, job_id: str, work: Awaitable[None]) -> None:
         """Before a job is ours, a failure leaves it to CodePipeline (it is re-dispatched)."""
@@ -278,11 +242,13 @@ class JobRunner:
 
     # --- run -------------------------------------------------------------------------
 
-    async def _execute(self, job_id: str, data: m.JobData, reporter: Reporter) -> None:
+    async def _execute(
+        self, job_id: str, data: m.JobData, reporter: Reporter, fetch: CredentialsFetcher
+    ) -> None:
         started = time.monotonic()
         secrets = self._secrets(data)
         redactor.add(*secrets)
-        io = _JobArtifacts(self.settings, data)
+        io = self._artifacts(data, fetch, secrets)
         job_log = JobLogger(logging.getLogger("cpworker.job"), _job_fields(job_id, self.name, data))
         work_dir: Path | None = None
         try:
@@ -304,6 +270,59 @@ class JobRunner:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
             redactor.discard(*secrets)
+
+    def _details_fetcher(self, job_id: str, token: str | None) -> CredentialsFetcher:
+        """Fresh artifact credentials from GetJobDetails (or GetThirdPartyJobDetails)."""
+
+        async def fetch_data() -> m.JobData:
+            if token is None:
+                call = lambda: self.cp.get_job_details(job_id)  # noqa: E731
+                return (await self._retrying("GetJobDetails", call)).data
+            call3 = lambda: self.cp.get_third_party_job_details(job_id, token)  # noqa: E731
+            return (await self._retrying("GetThirdPartyJobDetails", call3)).data
+
+        async def fetch() -> m.ArtifactCredentials:
+            try:
+                data = await fetch_data()
+                if data.artifact_credentials is None:
+                    raise CpWorkerError("the job details came without artifact credentials")
+            except CpWorkerError as exc:
+                self.metrics.credential_renewal_failures.inc()
+                log.warning(
+                    "job %s: renewing artifact credentials failed: %s",
+                    job_id,
+                    redactor(str(exc)),
+                    extra={"event": "credential_renewal_failed", "job_id": job_id},
+                )
+                raise
+            return data.artifact_credentials
+
+        return fetch
+
+    def _artifacts(
+        self, data: m.JobData, fetch: CredentialsFetcher, secrets: list[str]
+    ) -> JobArtifacts:
+        def renewed(reason: str, fresh: m.ArtifactCredentials) -> None:
+            values = [fresh.access_key_id, fresh.secret_access_key, fresh.session_token]
+            redactor.add(*values)
+            secrets.extend(values)  # discarded with the job's other secrets
+            self.metrics.credential_renewals.labels(reason).inc()
+
+        initial = data.artifact_credentials
+        credentials = (
+            None
+            if initial is None
+            else JobCredentials(
+                initial,
+                fetch,
+                refresh_s=self.settings.artifacts.credentials_refresh_s,
+                on_renewal=renewed,
+            )
+        )
+        s = self.settings
+        return JobArtifacts(
+            s.transfers, s.artifacts, s.disk, data, credentials, self.config.output_format
+        )
 
     def _make_work_dir(self, job_id: str) -> str:
         return tempfile.mkdtemp(prefix=f"cpworker-{job_id[:36]}-", dir=self.settings.work_root)

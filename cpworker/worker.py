@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from cpworker.artifacts import ArtifactSettings, DiskBudget, UnpackLimits
 from cpworker.config import ConfigError, WorkerConfig, secret_values
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.errors import CpWorkerError, ServiceError
@@ -36,8 +37,9 @@ from cpworker.logs import redactor
 from cpworker.metrics import WorkerMetrics
 from cpworker.poller import JobBudget, Poller
 from cpworker.runner import Handler, JobRunner, RunnerSettings, load_handler
-from cpworker.s3 import S3Settings
+from cpworker.s3 import S3Settings, SharedS3
 from cpworker.slots import Pool
+from cpworker.transfers import MIB, Transfers, TransferSettings
 
 __all__ = ["Worker"]
 
@@ -111,8 +113,11 @@ class Worker:
             max_attempts=self.config.api_max_attempts,
             pool_size=max(10, min(self.config.max_concurrency, 500)),
         )
-        async with ControlPlane.open(settings, self.session) as cp:
-            runners = await self._runners(cp)
+        async with (
+            ControlPlane.open(settings, self.session) as cp,
+            SharedS3.open(self._s3_settings(), self.session) as s3,
+        ):
+            runners = await self._runners(cp, s3)
             async with anyio.create_task_group() as outer:
                 if self.handle_signals:
                     outer.start_soon(self._watch_signals)
@@ -183,14 +188,40 @@ class Worker:
 
     # --- set-up ------------------------------------------------------------------------
 
-    async def _runners(self, cp: ControlPlane) -> dict[str, JobRunner]:
+    def _s3_settings(self) -> S3Settings:
+        return S3Settings(
+            region=self.config.region,
+            endpoint_url=self.config.s3_endpoint_url,
+            max_pool_connections=self.config.transfer_concurrency,
+        )
+
+    def _artifact_settings(self) -> ArtifactSettings:
+        c = self.config
+        return ArtifactSettings(
+            transfers=TransferSettings(
+                part_size=_mib(c.transfer_part_size_mib),
+                multipart_threshold=_mib(c.multipart_threshold_mib),
+                job_concurrency=c.transfer_concurrency_per_job,
+                process_concurrency=c.transfer_concurrency,
+            ),
+            limits=UnpackLimits(
+                max_files=c.unpack_max_files,
+                max_bytes=_mib(c.unpack_max_mib),
+                max_ratio=c.unpack_max_ratio,
+            ),
+            credentials_refresh_s=c.artifact_credentials_refresh_s,
+        )
+
+    async def _runners(self, cp: ControlPlane, s3: SharedS3) -> dict[str, JobRunner]:
         secret_properties = await self._discover(cp)
         work_root = Path(self.config.work_dir or tempfile.gettempdir())
+        artifacts = self._artifact_settings()
         settings = RunnerSettings(
             result_deadline_s=self.config.result_deadline_s,
             work_root=work_root,
-            s3=S3Settings(region=self.config.region, endpoint_url=self.config.s3_endpoint_url),
-            session=self.session,
+            artifacts=artifacts,
+            transfers=Transfers(s3, artifacts.transfers, self.metrics.artifact_bytes_moved),
+            disk=DiskBudget(_mib(self.config.disk_budget_mib), work_root),
         )
         runners = {}
         for name, t in self.config.action_types.items():
@@ -290,3 +321,7 @@ class ClientTokens:
                 'e.g. {"<client id>": "<token>"}'
             )
         self._tokens, self._read_at = loaded, mtime
+
+
+def _mib(value: float) -> int:
+    return int(value * MIB)

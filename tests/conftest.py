@@ -91,6 +91,22 @@ def boto(emulator: EmulatorProcess) -> Iterator[Any]:
     client.close()
 
 
+@asynccontextmanager
+async def plain_s3(
+    emulator: EmulatorProcess, credentials: m.ArtifactCredentials
+) -> AsyncIterator[Any]:
+    """A plain aiobotocore S3 client signed with `credentials`: to look at what is stored."""
+    async with aio_session().create_client(
+        "s3",
+        endpoint_url=emulator.s3,
+        region_name="us-east-1",
+        aws_access_key_id=credentials.access_key_id,
+        aws_secret_access_key=credentials.secret_access_key,
+        aws_session_token=credentials.session_token,
+    ) as client:
+        yield client
+
+
 JobFactory = Callable[..., Awaitable[list[str]]]
 
 

@@ -19,14 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
+from cpworker import archives
 from cpworker import models as m
-from cpworker.artifacts import UnpackLimits, download_input, upload_output
+from cpworker.artifacts import ArtifactSettings, DiskBudget, JobArtifacts, UnpackLimits
 from cpworker.control_plane import ControlPlane
 from cpworker.emulator.client import EmulatorProcess
 from cpworker.errors import ArtifactError, CpWorkerError
-from cpworker.s3 import S3Settings, job_s3_client
+from cpworker.s3 import JobCredentials, ObjectRef, S3Settings, SharedS3
+from cpworker.transfers import Transfers, TransferSettings
+from tests.conftest import plain_s3
 
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 LIMITS = UnpackLimits()
@@ -70,11 +74,55 @@ async def job(emulator: EmulatorProcess, cp: ControlPlane, action_type: m.Action
     return polled
 
 
+class Kit:
+    """The worker's artifact side for one job, and a plain S3 client to look at S3 with."""
+
+    def __init__(self, shared: SharedS3, raw: Any, job: m.Job, tmp: Path) -> None:
+        self.shared, self.raw, self.job, self.tmp = shared, raw, job, tmp
+        self.fetched = 0
+
+    def artifacts(
+        self,
+        *,
+        credentials: m.ArtifactCredentials | None = None,
+        limits: UnpackLimits = LIMITS,
+        disk: DiskBudget | None = None,
+        output_format: str = "zip",
+        encryption_key: m.EncryptionKey | str | None = "job",
+    ) -> JobArtifacts:
+        initial = credentials or _credentials(self.job)
+
+        async def fetch() -> m.ArtifactCredentials:
+            self.fetched += 1
+            return initial  # what GetJobDetails would answer: here, the same ones
+
+        data = self.job.data
+        if encryption_key != "job":
+            data = msgspec.structs.replace(data, encryption_key=encryption_key)
+        return JobArtifacts(
+            Transfers(self.shared, TransferSettings()),
+            ArtifactSettings(limits=limits),
+            disk or DiskBudget(0, self.tmp),
+            data,
+            JobCredentials(initial, fetch),
+            output_format,
+        )
+
+    async def download(self, artifact: m.Artifact, target: Path, **kw: Any) -> Path:
+        return await self.artifacts(**kw).download(artifact, target)
+
+    async def upload(self, artifact: m.Artifact, source: Path, **kw: Any) -> int:
+        return await self.artifacts(**kw).upload(artifact, source)
+
+
 @pytest.fixture
-async def s3(emulator: EmulatorProcess, job: m.Job) -> AsyncIterator[Any]:
-    """An S3 client signed with the job's artifact credentials."""
-    async with job_s3_client(_settings(emulator), _credentials(job)) as client:
-        yield client
+async def s3(emulator: EmulatorProcess, job: m.Job, tmp_path: Path) -> AsyncIterator[Kit]:
+    """The worker's shared S3 client, and a plain one signed with the job's credentials."""
+    async with (
+        SharedS3.open(_settings(emulator)) as shared,
+        plain_s3(emulator, _credentials(job)) as raw,
+    ):
+        yield Kit(shared, raw, job, tmp_path)
 
 
 async def _put_zip(client: Any, job: m.Job, body: bytes, name: str = "Crafted") -> m.Artifact:
@@ -151,9 +199,9 @@ def _assert_no_secrets(exc: BaseException, secrets: list[str]) -> None:
 # --- round trips ----------------------------------------------------------------------
 
 
-async def test_download_unpacks_the_jobs_input(s3: Any, job: m.Job, tmp_path: Path) -> None:
+async def test_download_unpacks_the_jobs_input(s3: Kit, job: m.Job, tmp_path: Path) -> None:
     target = tmp_path / "src"
-    unpacked = await download_input(s3, job.data.input_artifacts[0], target, LIMITS)
+    unpacked = await s3.download(job.data.input_artifacts[0], target)
     assert unpacked == target
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
     assert (target / "a" / "b.txt").read_text() == "hi"
@@ -161,66 +209,38 @@ async def test_download_unpacks_the_jobs_input(s3: Any, job: m.Job, tmp_path: Pa
     assert _listing(tmp_path) == ["src"]  # the temp zip is gone
 
 
-async def test_download_keeps_folders_modes_and_inner_symlinks(
-    s3: Any, job: m.Job, tmp_path: Path
-) -> None:
-    body = _zip(
-        [
-            ("bin/", b"", DIR | 0o750),
-            ("bin/run.sh", b"#!/bin/sh\n", FILE | 0o755),
-            ("conf/private.key", b"k", FILE | 0o600),
-            ("deep/a/b/c.txt", b"deep", FILE | 0o644),
-            ("plain.txt", b"no unix mode", 0),
-            ("latest", b"bin/run.sh", LINK | 0o777),
-            ("deep/a/conf", b"../../conf", LINK | 0o777),
-        ]
-    )
-    artifact = await _put_zip(s3, job, body)
-    target = await download_input(s3, artifact, tmp_path / "in", LIMITS)
-    tree = _snapshot(target)
-    assert tree["bin"] == ("dir", 0o750, "")
-    assert tree["bin/run.sh"] == ("file", 0o755, b"#!/bin/sh\n")
-    assert tree["conf/private.key"] == ("file", 0o600, b"k")
-    assert tree["deep/a/b/c.txt"] == ("file", 0o644, b"deep")
-    assert tree["plain.txt"] == ("file", 0o644, b"no unix mode")
-    assert tree["latest"] == ("link", 0, "bin/run.sh")
-    assert tree["deep/a/conf"] == ("link", 0, "../../conf")
-    assert (target / "deep/a/conf/private.key").read_bytes() == b"k"
-    assert _listing(tmp_path) == ["in"]
-
-
 async def test_upload_then_download_round_trip_with_the_jobs_kms_key(
-    s3: Any, job: m.Job, tmp_path: Path
+    s3: Kit, job: m.Job, tmp_path: Path
 ) -> None:
     source = tmp_path / "out"
     source.mkdir()
     _make_source(source)
     before = _listing(tmp_path)
     [output] = job.data.output_artifacts
-    size = await upload_output(s3, output, source, job.data.encryption_key)
+    size = await s3.upload(output, source)
     assert _listing(tmp_path) == before  # the temp zip is gone
 
     location = _location(output)
-    head = await s3.head_object(Bucket=location.bucket_name, Key=location.object_key)
+    head = await s3.raw.head_object(Bucket=location.bucket_name, Key=location.object_key)
     assert head["ContentLength"] == size > 0
     assert head["ServerSideEncryption"] == "aws:kms"
     assert KEY_ARN in head["SSEKMSKeyId"]
 
-    back = await download_input(s3, output, tmp_path / "back", LIMITS)
+    back = await s3.download(output, tmp_path / "back")
     assert _snapshot(back) == _snapshot(source)
     assert (back / "latest").read_text() == "#!/bin/sh\necho built\n"
 
 
 async def test_upload_without_an_encryption_key_uses_the_aws_s3_key(
-    s3: Any, job: m.Job, tmp_path: Path
+    s3: Kit, job: m.Job, tmp_path: Path
 ) -> None:
     source = tmp_path / "out"
     (source / "sub").mkdir(parents=True)
     (source / "sub" / "f.txt").write_text("f")
     [output] = job.data.output_artifacts
-    await upload_output(s3, output, source, None)
+    await s3.upload(output, source, encryption_key=None)
     location = _location(output)
-    head = await s3.head_object(Bucket=location.bucket_name, Key=location.object_key)
+    head = await s3.raw.head_object(Bucket=location.bucket_name, Key=location.object_key)
     assert head["ServerSideEncryption"] == "aws:kms"
     assert "aws/s3" in head["SSEKMSKeyId"]
 
@@ -230,17 +250,18 @@ async def test_upload_without_an_encryption_key_uses_the_aws_s3_key(
 
 @pytest.mark.parametrize("what", ["key", "bucket"])
 async def test_a_missing_object_is_revision_unavailable(
-    s3: Any, job: m.Job, tmp_path: Path, what: str
+    s3: Kit, job: m.Job, tmp_path: Path, what: str
 ) -> None:
     bucket = _location(job.data.input_artifacts[0]).bucket_name
     if what == "bucket":
         bucket = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
     artifact = _artifact("Gone", bucket, "pipeline/Gone/missing-key")
     with pytest.raises(ArtifactError) as caught:
-        await download_input(s3, artifact, tmp_path / "in", LIMITS)
+        await s3.download(artifact, tmp_path / "in")
     error = caught.value
     assert error.failure_type == "RevisionUnavailable"
-    assert error.code == ("NoSuchKey" if what == "key" else "NoSuchBucket")
+    # The size is asked first (HeadObject): a 404 without a body says only "404".
+    assert error.code in {"404", "NoSuchKey" if what == "key" else "NoSuchBucket"}
     for part in ("'Gone'", bucket, "pipeline/Gone/missing-key"):
         assert part in str(error)
     assert _listing(tmp_path) == []  # neither the target nor a temp file is left
@@ -263,7 +284,7 @@ def _bad_credentials(good: m.ArtifactCredentials, which: str) -> m.ArtifactCrede
 
 @pytest.mark.parametrize("which", ["secret", "token", "key id"])
 async def test_wrong_credentials_are_permission_errors_without_secrets(
-    emulator: EmulatorProcess, job: m.Job, tmp_path: Path, which: str
+    s3: Kit, job: m.Job, tmp_path: Path, which: str
 ) -> None:
     good = _credentials(job)
     bad = _bad_credentials(good, which)
@@ -272,25 +293,35 @@ async def test_wrong_credentials_are_permission_errors_without_secrets(
     source = tmp_path / "out"
     source.mkdir()
     (source / "f.txt").write_text("f")
-    async with job_s3_client(_settings(emulator), bad) as client:
-        with pytest.raises(ArtifactError) as download:
-            await download_input(client, job.data.input_artifacts[0], tmp_path / "in", LIMITS)
-        with pytest.raises(ArtifactError) as upload:
-            await upload_output(client, job.data.output_artifacts[0], source, None)
+    # The credentials "GetJobDetails" hands out stay bad, so renewing cannot help.
+    with pytest.raises(ArtifactError) as download:
+        await s3.download(job.data.input_artifacts[0], tmp_path / "in", credentials=bad)
+    with pytest.raises(ArtifactError) as upload:
+        await s3.upload(job.data.output_artifacts[0], source, credentials=bad)
     for caught in (download, upload):
         error = caught.value
         assert error.failure_type == "PermissionError"
-        assert error.code in {"SignatureDoesNotMatch", "InvalidToken", "InvalidAccessKeyId"}
+        # The download asks HeadObject first, whose refusal has no body: a bare 400 or 403.
+        assert error.code in {
+            "SignatureDoesNotMatch",
+            "InvalidToken",
+            "InvalidAccessKeyId",
+            "400",
+            "403",
+        }
         assert error.__cause__ is None
         assert error.__context__ is None
         _assert_no_secrets(error, secrets)
     assert "'Src'" in str(download.value)
     assert "'Out'" in str(upload.value)
     assert _listing(tmp_path) == ["out"]
+    # Refused keys and tokens (and HeadObject's bare 403) are renewed, 3 times per request,
+    # before giving up; a bad signature on the upload is not a matter of renewal.
+    assert s3.fetched == (3 if which == "secret" else 6)
 
 
 async def test_a_body_that_does_not_match_its_checksum_is_refused(
-    s3: Any, job: m.Job, tmp_path: Path
+    s3: Kit, job: m.Job, tmp_path: Path
 ) -> None:
     # moto stores the checksum it is given without checking it (real S3 would refuse the
     # PUT), which stands in for bytes corrupted on the way back.
@@ -298,12 +329,12 @@ async def test_a_body_that_does_not_match_its_checksum_is_refused(
     key = f"tests/{uuid.uuid4().hex}.zip"
     wrong = base64.b64encode(b"\0" * 32).decode()
     body = _zip([("f.txt", b"f", FILE | 0o644)])
-    await s3.put_object(
+    await s3.raw.put_object(
         Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256", ChecksumSHA256=wrong
     )
     artifact = _artifact("Crafted", bucket, key)
     with pytest.raises(ArtifactError, match="checksum") as caught:
-        await download_input(s3, artifact, tmp_path / "in", LIMITS)
+        await s3.download(artifact, tmp_path / "in")
     assert caught.value.failure_type == "JobFailed"
     assert _listing(tmp_path) == []
 
@@ -321,105 +352,123 @@ def _corrupt_zip() -> bytes:
     return bytes(data)
 
 
-UNSAFE: dict[str, tuple[list[Entry] | bytes, UnpackLimits, str]] = {
-    "zip slip": ([("../evil.txt", b"x", FILE | 0o644)], LIMITS, "escapes the target"),
-    "zip slip inside a path": (
-        [("a/../../evil.txt", b"x", FILE | 0o644)],
-        LIMITS,
-        "escapes the target",
-    ),
-    "absolute path": ([("/TMP_PATH/evil.txt", b"x", FILE | 0o644)], LIMITS, "absolute path"),
-    "symlink out": ([("link", b"../evil", LINK | 0o777)], LIMITS, "points outside"),
-    "absolute symlink": ([("link", b"/etc", LINK | 0o777)], LIMITS, "points outside"),
-    "symlink out through symlinks": (
-        [("x", b".", LINK | 0o777), ("y", b"x/..", LINK | 0o777)],
-        LIMITS,
-        "points outside",
-    ),
-    "symlink made through a symlink": (
-        [("x", b"z/..", LINK | 0o777), ("z", b".", LINK | 0o777), ("x/evil", b".", LINK | 0o777)],
-        LIMITS,
-        "points outside",
-    ),
-    "too many files": (
-        [(f"f{i}.txt", b"x", FILE | 0o644) for i in range(5)],
-        UnpackLimits(max_files=4),
-        "UnpackLimits.max_files",
-    ),
-    "too many bytes": (
-        [("a.txt", b"x" * 60, FILE | 0o644), ("b.txt", b"x" * 60, FILE | 0o644)],
-        UnpackLimits(max_bytes=100),
-        "UnpackLimits.max_bytes",
-    ),
-    "not a zip": (b"this is not a zip file at all", LIMITS, "not a valid zip"),
-    "corrupt zip": (_corrupt_zip(), LIMITS, "corrupt"),
-    "empty object": (b"", LIMITS, "not a valid zip"),
+UNSAFE: dict[str, tuple[list[Entry] | bytes, str]] = {
+    "zip slip": ([("../evil.txt", b"x", FILE | 0o644)], "escapes the target"),
+    "not an archive": (b"this is not a zip file at all", "not a zip, tar or tar.gz"),
+    "corrupt zip": (_corrupt_zip(), "corrupt"),
 }
 
 
 @pytest.mark.parametrize("case", list(UNSAFE))
-async def test_unsafe_or_broken_archives_are_refused(
-    s3: Any, job: m.Job, tmp_path: Path, case: str
+async def test_unsafe_or_broken_archives_fail_the_job_and_leave_nothing(
+    s3: Kit, job: m.Job, tmp_path: Path, case: str
 ) -> None:
-    entries, limits, rule = UNSAFE[case]
+    # Every rule is tested in test_archives; this is the path through a job's download.
+    entries, rule = UNSAFE[case]
     work = tmp_path / "work"
     work.mkdir()
-    if isinstance(entries, list):
-        entries = [(n.replace("/TMP_PATH", str(tmp_path)), d, mode) for n, d, mode in entries]
-        body = _zip(entries)
-    else:
-        body = entries
-    artifact = await _put_zip(s3, job, body)
+    body = _zip(entries) if isinstance(entries, list) else entries
+    artifact = await _put_zip(s3.raw, job, body)
     with pytest.raises(ArtifactError) as caught:
-        await download_input(s3, artifact, work / "in", limits)
+        await s3.download(artifact, work / "in")
     error = caught.value
     assert error.failure_type == "JobFailed"
     assert rule in str(error)
     assert "'Crafted'" in str(error)
-    assert _listing(work) == []  # target removed, temp zip removed
+    assert _listing(work) == []  # target removed, temp archive removed
     assert _listing(tmp_path) == ["work"]  # nothing written next to it either
 
 
-async def test_a_file_limit_of_exactly_the_count_is_allowed(
-    s3: Any, job: m.Job, tmp_path: Path
+async def test_an_input_that_does_not_fit_the_disk_budget_fails_before_downloading(
+    emulator: EmulatorProcess, s3: Kit, job: m.Job, tmp_path: Path
 ) -> None:
-    body = _zip([(f"f{i}.txt", b"x" * 10, FILE | 0o644) for i in range(4)])
-    artifact = await _put_zip(s3, job, body)
-    limits = UnpackLimits(max_files=4, max_bytes=40)
-    target = await download_input(s3, artifact, tmp_path / "in", limits)
-    assert _listing(target) == ["f0.txt", "f1.txt", "f2.txt", "f3.txt"]
+    artifact = await _put_zip(s3.raw, job, os.urandom(3 * 1024 * 1024))
+    key = _location(artifact).object_key
+    disk = DiskBudget(2 * 1024 * 1024, tmp_path)
+    disk.reserve(512 * 1024, _object_ref_for_test())  # another job's download
+    with pytest.raises(ArtifactError) as caught:
+        await s3.download(artifact, tmp_path / "in", disk=disk)
+    message = str(caught.value)
+    assert "'Crafted'" in message
+    assert "do not fit in the disk budget (disk_budget_mib = 2" in message
+    assert "raise disk_budget_mib" in message
+    assert (await emulator.admin.s3_log())["gets"].get(key, 0) == 0  # not a byte fetched
+    assert disk.used == 512 * 1024  # nothing of the refused job is still counted
+    assert _listing(tmp_path) == []
+
+
+async def test_the_disk_budget_counts_unpacked_inputs_until_the_job_ends(
+    s3: Kit, job: m.Job, tmp_path: Path
+) -> None:
+    disk = DiskBudget(10 * 1024 * 1024, tmp_path)
+    artifacts = s3.artifacts(disk=disk)
+    await artifacts.download(job.data.input_artifacts[0], tmp_path / "in")
+    assert disk.used == len("hi") + len("top")  # the unpacked bytes; the archive is gone
+    await artifacts.aclose()
+    assert disk.used == 0
+
+
+@pytest.mark.parametrize("fmt", ["tar", "tar.gz"])
+async def test_a_tar_input_is_unpacked_and_the_output_follows_its_format(
+    emulator: EmulatorProcess, s3: Kit, job: m.Job, tmp_path: Path, fmt: str
+) -> None:
+    source = tmp_path / "made"
+    source.mkdir()
+    _make_source(source)
+    packed = tmp_path / "made.archive"
+    archives.pack(source, packed, fmt, "test")  # type: ignore[arg-type]
+    artifact = await _put_zip(s3.raw, job, packed.read_bytes())
+    artifacts = s3.artifacts(output_format="input")
+    unpacked = await artifacts.download(artifact, tmp_path / "in")
+    assert _snapshot(unpacked) == _snapshot(source)
+    [output] = job.data.output_artifacts
+    await artifacts.upload(output, unpacked)
+    stored = tmp_path / "stored"
+    location = _location(output)
+    answer = await s3.raw.get_object(Bucket=location.bucket_name, Key=location.object_key)
+    stored.write_bytes(await answer["Body"].read())
+    assert archives.detect_format(stored, "output") == fmt
+    [upload] = [
+        u for u in (await emulator.admin.s3_log())["uploads"] if u["key"] == location.object_key
+    ]
+    assert upload["kmsKeyOk"] is True
+    assert upload["kmsKeyId"] == KEY_ARN
+
+
+def _object_ref_for_test() -> ObjectRef:
+    return ObjectRef(what="another job's input", bucket="b", key="k")
 
 
 # --- bad arguments and cancellation -----------------------------------------------
 
 
-async def test_an_artifact_without_location_is_refused(s3: Any, tmp_path: Path, job: m.Job) -> None:
+async def test_an_artifact_without_location_is_refused(s3: Kit, tmp_path: Path, job: m.Job) -> None:
     artifact = m.Artifact(name="NoWhere")
     with pytest.raises(ArtifactError, match=r"'NoWhere'.*no S3 location"):
-        await download_input(s3, artifact, tmp_path / "in", LIMITS)
+        await s3.download(artifact, tmp_path / "in")
     with pytest.raises(ArtifactError, match=r"'NoWhere'.*no S3 location"):
-        await upload_output(s3, artifact, tmp_path, None)
+        await s3.upload(artifact, tmp_path)
     assert _listing(tmp_path) == []
 
 
-async def test_an_existing_target_is_refused(s3: Any, job: m.Job, tmp_path: Path) -> None:
+async def test_an_existing_target_is_refused(s3: Kit, job: m.Job, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     with pytest.raises(ArtifactError, match="already exists"):
-        await download_input(s3, job.data.input_artifacts[0], tmp_path / "in", LIMITS)
+        await s3.download(job.data.input_artifacts[0], tmp_path / "in")
     assert _listing(tmp_path) == ["in"]
     assert _listing(tmp_path / "in") == []
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
 async def test_a_missing_output_directory_is_refused(
-    s3: Any, job: m.Job, tmp_path: Path, kind: str
+    s3: Kit, job: m.Job, tmp_path: Path, kind: str
 ) -> None:
     source = tmp_path / "out"
     if kind == "file":
         source.write_text("not a folder")
     before = _listing(tmp_path)
     with pytest.raises(ArtifactError) as caught:
-        await upload_output(s3, job.data.output_artifacts[0], source, job.data.encryption_key)
+        await s3.upload(job.data.output_artifacts[0], source)
     assert "'Out'" in str(caught.value)
     assert str(source) in str(caught.value)
     assert "not a directory" in str(caught.value)
@@ -427,11 +476,11 @@ async def test_a_missing_output_directory_is_refused(
 
 
 async def test_a_cancelled_download_leaves_nothing_behind(
-    s3: Any, job: m.Job, tmp_path: Path
+    s3: Kit, job: m.Job, tmp_path: Path
 ) -> None:
     with anyio.CancelScope() as scope:
         scope.cancel()
-        await download_input(s3, job.data.input_artifacts[0], tmp_path / "in", LIMITS)
+        await s3.download(job.data.input_artifacts[0], tmp_path / "in")
     assert scope.cancelled_caught
     assert _listing(tmp_path) == []
 
@@ -454,16 +503,16 @@ def _many_files(root: Path, count: int) -> None:
 
 
 async def test_a_download_cancelled_while_unpacking_leaves_nothing_behind(
-    s3: Any, job: m.Job, tmp_path: Path
+    s3: Kit, job: m.Job, tmp_path: Path
 ) -> None:
     body = _zip([(f"f{i:05}.txt", b"x" * 64, FILE | 0o644) for i in range(5000)])
-    artifact = await _put_zip(s3, job, body)
+    artifact = await _put_zip(s3.raw, job, body)
     target = tmp_path / "in"
     scope = anyio.CancelScope()
 
     async def download() -> None:
         with scope:
-            await download_input(s3, artifact, target, LIMITS)
+            await s3.download(artifact, target)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(download)
@@ -473,7 +522,7 @@ async def test_a_download_cancelled_while_unpacking_leaves_nothing_behind(
 
 
 async def test_an_upload_cancelled_while_packing_leaves_nothing_behind(
-    s3: Any, job: m.Job, tmp_path: Path
+    s3: Kit, job: m.Job, tmp_path: Path
 ) -> None:
     source = tmp_path / "out"
     _many_files(source, 5000)
@@ -481,7 +530,7 @@ async def test_an_upload_cancelled_while_packing_leaves_nothing_behind(
 
     async def upload() -> None:
         with scope:
-            await upload_output(s3, job.data.output_artifacts[0], source, None)
+            await s3.upload(job.data.output_artifacts[0], source, encryption_key=None)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(upload)
@@ -495,7 +544,7 @@ def test_settings_and_limits_are_checked() -> None:
         S3Settings(max_attempts=0)
     with pytest.raises(CpWorkerError, match="timeouts"):
         S3Settings(read_timeout_s=0)
-    with pytest.raises(CpWorkerError, match="max_files"):
-        UnpackLimits(max_files=-1)
+    with pytest.raises(CpWorkerError, match="disk budget"):
+        DiskBudget(-1, Path("/"))
     with pytest.raises(ValueError, match="failure_type"):
         ArtifactError("x", failure_type="Oops")

@@ -21,10 +21,10 @@ from cpworker import models as m
 from cpworker.config import WorkerConfig
 from cpworker.control_plane import ControlPlane
 from cpworker.emulator.client import AdminClient, EmulatorProcess
-from cpworker.s3 import S3Settings, job_s3_client
 from tests.conftest import (
     JobFactory,
     action_table,
+    plain_s3,
     run_burst,
     running_worker,
     status_of,
@@ -81,8 +81,7 @@ async def _download_output(
     assert output.location is not None and output.location.s3_location is not None
     location = output.location.s3_location
     assert details.data.artifact_credentials is not None
-    settings = S3Settings(endpoint_url=emulator.s3, max_attempts=2)
-    async with job_s3_client(settings, details.data.artifact_credentials) as s3:
+    async with plain_s3(emulator, details.data.artifact_credentials) as s3:
         answer = await s3.get_object(Bucket=location.bucket_name, Key=location.object_key)
         body = await answer["Body"].read()
     return zipfile.ZipFile(io.BytesIO(body))

@@ -5,11 +5,15 @@
 - `GET /_emulator/jobs/{id}` is one job's full history;
 - `GET /_emulator/stats` counts jobs by status, requests by operation and outcome, and
   injected faults;
-- `GET`/`POST /_emulator/faults` reads or changes fault injection.
+- `GET`/`POST /_emulator/faults` reads or changes fault injection;
+- `GET /_emulator/s3` is what S3 was asked: uploads with their SSE-KMS headers (checked
+  against the job's key), GETs per key, refusals by code;
+- `PUT /_emulator/objects/{key}` stores the raw body as an object of the artifact bucket.
 """
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -20,16 +24,31 @@ from aiohttp import web
 
 from cpworker.emulator.api import CodePipelineApi
 from cpworker.emulator.faults import FaultsUpdate
-from cpworker.emulator.jobs import ActionKey, JobStore, action_key
+from cpworker.emulator.jobs import ActionKey, JobRecord, JobStore, Timeouts, action_key
 from cpworker.emulator.s3 import ACCOUNT_ID, BUCKET, REGION, zip_bytes
 from cpworker.models import ActionTypeId
 
 T = TypeVar("T")
 
 
-class ArtifactSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+MAX_RAW_OBJECT_BYTES = 1024**3
+DEFAULT_KMS_KEY_ID = "alias/aws/s3"  # what S3 uses when a job has no encryption key
+
+
+class ArtifactSpec(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fields=True):
+    """An input artifact: `files` zipped into a new object, or an existing `objectKey`."""
+
     name: str
     files: dict[str, str] = {}
+    object_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.files and self.object_key is not None:
+            raise ValueError(
+                f"input artifact {self.name!r} has both files and objectKey; give files "
+                "(zipped into a new object) or objectKey (an object stored with "
+                "PUT /_emulator/objects/KEY), not both"
+            )
 
 
 class CreateJobs(
@@ -51,6 +70,7 @@ class CreateJobs(
     job_timeout_s: float | None = None
     continuation_delay_s: float | None = None
     share_credentials: bool = False
+    credential_ttl_s: float | None = None
     # Third-party jobs: the partner connection (client id and token) the jobs belong to;
     # without them every job gets its own random pair.
     client_id: str | None = None
@@ -63,6 +83,8 @@ class CreateJobs(
             self.client_id is not None and not self.third_party
         ):
             raise ValueError("clientId and clientToken go together, and only with thirdParty")
+        if self.credential_ttl_s is not None and not self.credential_ttl_s > 0:
+            raise ValueError(f"credentialTtlS={self.credential_ttl_s}: must be more than 0")
 
 
 class Admin:
@@ -80,6 +102,8 @@ class Admin:
             web.get("/_emulator/stats", self.stats),
             web.get("/_emulator/faults", self.get_faults),
             web.post("/_emulator/faults", self.set_faults),
+            web.get("/_emulator/s3", self.s3_log),
+            web.put("/_emulator/objects/{key:.+}", self.put_object),
         ]
 
     async def create_jobs(self, request: web.Request) -> web.Response:
@@ -97,22 +121,36 @@ class Admin:
         except ValueError as exc:
             raise web.HTTPBadRequest(text=f"bad CreateJobs body: {exc}") from None
         self._ensure_action_type(key, spec)
-        inputs = await self._upload_inputs(spec)
-        shared = await self.api.s3.mint_credentials() if spec.share_credentials else None
-        jobs = []
-        for _ in range(spec.count):
-            credentials = shared or await self.api.s3.mint_credentials()
-            job = self.store.create_job(
-                key, _job_data(spec, inputs), timeouts=timeouts, third_party=spec.third_party
-            )
-            job.credentials = credentials
-            if spec.client_id is not None:
-                job.client_id, job.client_token = spec.client_id, spec.client_token
-            jobs.append(job)
+        jobs = await self._create(spec, key, timeouts, await self._upload_inputs(spec))
         answer: dict[str, Any] = {"jobIds": [j.id for j in jobs]}
         if spec.third_party:
             answer["clientTokens"] = {j.id: j.client_token for j in jobs}
         return web.json_response(answer)
+
+    async def _create(
+        self, spec: CreateJobs, key: ActionKey, timeouts: Timeouts, inputs: list[dict[str, Any]]
+    ) -> list[JobRecord]:
+        """The jobs, each with credentials minted for it (or one set shared by all)."""
+        shared = await self.api.s3.mint_credentials() if spec.share_credentials else None
+        jobs = []
+        for _ in range(spec.count):
+            credentials = shared or await self.api.s3.mint_credentials()
+            # No await from here on: a job is never polled without its credentials.
+            job = self.store.create_job(
+                key, _job_data(spec, inputs), timeouts=timeouts, third_party=spec.third_party
+            )
+            if spec.credential_ttl_s is not None:
+                self.api.set_credential_ttl(job.id, spec.credential_ttl_s)
+            if shared is None:
+                self.api.give_credentials([job], credentials)
+            else:
+                job.credentials = shared
+            if spec.client_id is not None:
+                job.client_id, job.client_token = spec.client_id, spec.client_token
+            jobs.append(job)
+        if shared is not None:
+            self.api.give_credentials(jobs, shared)  # registers the set for the whole batch
+        return jobs
 
     def _ensure_action_type(self, key: ActionKey, spec: CreateJobs) -> None:
         if key in self.store.action_types:
@@ -133,9 +171,17 @@ class Admin:
     async def _upload_inputs(self, spec: CreateJobs) -> list[dict[str, Any]]:
         artifacts = []
         for artifact in spec.input_artifacts:
-            key = f"{spec.pipeline_name}/{artifact.name}/{uuid.uuid4().hex[:12]}"
-            body = await anyio.to_thread.run_sync(zip_bytes, artifact.files)
-            await self.api.s3.put_object(key, body)
+            if artifact.object_key is not None:
+                key = artifact.object_key
+                if not await self.api.s3.object_exists(key):
+                    raise web.HTTPBadRequest(
+                        text=f"input artifact {artifact.name!r}: no object {key!r} in the "
+                        "artifact bucket; store it first with PUT /_emulator/objects/KEY"
+                    )
+            else:
+                key = f"{spec.pipeline_name}/{artifact.name}/{uuid.uuid4().hex[:12]}"
+                body = await anyio.to_thread.run_sync(zip_bytes, artifact.files)
+                await self.api.s3.put_object(key, body)
             artifacts.append(_artifact(artifact.name, key, revision=uuid.uuid4().hex))
         return artifacts
 
@@ -168,6 +214,30 @@ class Admin:
                 "faultsInjected": self.api.faults.injected_stats(),
             }
         )
+
+    async def s3_log(self, request: web.Request) -> web.Response:
+        uploads, gets, refused = self.api.s3.log.snapshot()
+        for upload in uploads:
+            job = self.store.jobs.get(upload["jobId"]) if upload["jobId"] else None
+            key = job.data.get("encryptionKey") if job is not None else None
+            expected = (key or {}).get("id") or DEFAULT_KMS_KEY_ID
+            upload["expectedKmsKeyId"] = expected
+            upload["kmsKeyOk"] = upload["sse"] == "aws:kms" and upload["kmsKeyId"] == expected
+        return web.json_response({"uploads": uploads, "gets": gets, "refused": refused})
+
+    async def put_object(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as body:
+            size = 0
+            async for chunk in request.content.iter_chunked(1024 * 1024):
+                size += len(chunk)
+                if size > MAX_RAW_OBJECT_BYTES:
+                    raise web.HTTPRequestEntityTooLarge(
+                        max_size=MAX_RAW_OBJECT_BYTES, actual_size=size
+                    )
+                await anyio.to_thread.run_sync(body.write, chunk)
+            etag = await self.api.s3.put_raw_object(key, body)
+        return web.json_response({"bucket": BUCKET, "key": key, "size": size, "etag": etag})
 
     async def get_faults(self, request: web.Request) -> web.Response:
         return web.json_response(self.api.faults.describe())

@@ -44,12 +44,19 @@ class CodePipelineApi:
     """Handlers of the job operations over one `JobStore`."""
 
     def __init__(
-        self, store: JobStore, faults: Faults, s3: S3Side, sigv4: SigV4Checker | None = None
+        self,
+        store: JobStore,
+        faults: Faults,
+        s3: S3Side,
+        sigv4: SigV4Checker | None = None,
+        credential_ttl_s: float | None = None,
     ) -> None:
         self.store = store
         self.sigv4 = sigv4 or SigV4Checker()
         self.faults = faults
         self.s3 = s3
+        self.credential_ttl_s = credential_ttl_s
+        self._ttl_overrides: dict[str, float] = {}
         self.requests: Counter[tuple[str, str]] = Counter()
         self._handlers: dict[str, Handler] = {
             "PollForJobs": self.poll_for_jobs,
@@ -149,14 +156,59 @@ class CodePipelineApi:
             p.get("queryParam") or {},
             third_party=False,
         )
+        await self._refresh_at_dispatch(jobs)
         return {"jobs": [self._job_wire(j, self._issued_nonce(j, "PollForJobs")) for j in jobs]}
 
     async def acknowledge_job(self, p: dict[str, Any]) -> dict[str, Any]:
         job = self.store.get(p["jobId"], third_party=False)
         return {"status": self.store.acknowledge(job, p["nonce"])}
 
+    # --- artifact credentials ------------------------------------------------------
+
+    def set_credential_ttl(self, job_id: str, ttl_s: float) -> None:
+        """Credentials minted for this job (and its continuations) expire after `ttl_s`."""
+        self._ttl_overrides[job_id] = ttl_s
+
+    def credential_ttl(self, job: JobRecord) -> float | None:
+        """The lifetime of credentials minted for `job` (None: they never expire).
+
+        The job's own override, else its continuation chain's first job's, else the
+        emulator's `credential_ttl_s`.
+        """
+        if not self._ttl_overrides:
+            return self.credential_ttl_s
+        current: JobRecord | None = job
+        while current is not None:
+            ttl = self._ttl_overrides.get(current.id)
+            if ttl is not None:
+                self._ttl_overrides[job.id] = ttl
+                return ttl
+            previous = current.previous_job_id
+            current = self.store.jobs.get(previous) if previous is not None else None
+        return self.credential_ttl_s
+
+    def give_credentials(self, jobs: list[JobRecord], credentials: dict[str, str]) -> None:
+        """Hand freshly minted `credentials` to `jobs`; register them with the first's TTL."""
+        ttl_s = self.credential_ttl(jobs[0])
+        self.s3.registry.register(credentials["accessKeyId"], [j.id for j in jobs], ttl_s)
+        for job in jobs:
+            job.credentials = credentials
+
     async def _refresh_credentials(self, job: JobRecord) -> None:
-        job.credentials = await self.s3.mint_credentials()
+        self.give_credentials([job], await self.s3.mint_credentials())
+
+    async def _refresh_at_dispatch(self, jobs: list[JobRecord]) -> None:
+        """Jobs whose credentials expire leave a poll with credentials valid from now.
+
+        Without a TTL nothing is minted here (minting costs a few ms through moto's STS).
+        """
+        due = [job for job in jobs if self.credential_ttl(job) is not None]
+        if len(due) == 1:
+            await self._refresh_credentials(due[0])
+        elif due:
+            async with anyio.create_task_group() as tg:
+                for job in due:
+                    tg.start_soon(self._refresh_credentials, job)
 
     async def get_job_details(self, p: dict[str, Any]) -> dict[str, Any]:
         job = self.store.get(p["jobId"], third_party=False)
@@ -175,6 +227,7 @@ class CodePipelineApi:
         jobs = self.store.poll(
             action_key(p["actionTypeId"]), p.get("maxBatchSize", 1), {}, third_party=True
         )
+        await self._refresh_at_dispatch(jobs)
         return {"jobs": [{"clientId": j.client_id, "jobId": j.id} for j in jobs]}
 
     async def acknowledge_third_party_job(self, p: dict[str, Any]) -> dict[str, Any]:

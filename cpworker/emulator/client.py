@@ -9,13 +9,15 @@ Used by the demo, the tests and the benchmarks::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
+from urllib.parse import quote
 
 import aiohttp
 import anyio
@@ -34,11 +36,16 @@ class AdminClient:
         self._http = http
 
     async def _request(
-        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        data: IO[bytes] | None = None,
     ) -> Any:
         url = f"{self._base}/{path}"
         try:
-            async with self._http.request(method, url, json=body, params=params) as resp:
+            async with self._http.request(method, url, json=body, params=params, data=data) as resp:
                 text = await resp.text()
         except aiohttp.ClientError as exc:
             raise EmulatorError(
@@ -69,6 +76,26 @@ class AdminClient:
     async def stats(self) -> dict[str, Any]:
         """`GET /_emulator/stats`: jobs by status, requests, faults injected."""
         answer: dict[str, Any] = await self._request("GET", "stats")
+        return answer
+
+    async def s3_log(self) -> dict[str, Any]:
+        """`GET /_emulator/s3`: `{"uploads": [...], "gets": {key: n}, "refused": {code: n}}`.
+
+        Each upload is `{"operation", "bucket", "key", "sse", "kmsKeyId", "jobId",
+        "expectedKmsKeyId", "kmsKeyOk"}`.
+        """
+        answer: dict[str, Any] = await self._request("GET", "s3")
+        return answer
+
+    async def put_object(self, key: str, body: bytes) -> dict[str, Any]:
+        """`PUT /_emulator/objects/{key}`: store `body` as is in the artifact bucket.
+
+        Returns `{"bucket", "key", "size", "etag"}`; use the key as an input artifact's
+        `objectKey` in `create_jobs`.
+        """
+        path = f"objects/{quote(key, safe='/')}"
+        # A stream, not raw bytes: aiohttp would warn that a large body locks the loop.
+        answer: dict[str, Any] = await self._request("PUT", path, data=io.BytesIO(body))
         return answer
 
     async def faults(self) -> dict[str, Any]:

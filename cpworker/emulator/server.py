@@ -36,6 +36,12 @@ class EmulatorSettings:
     faults: FaultSettings = field(default_factory=FaultSettings)
     seed: int | None = None
     sigv4_keys: dict[str, str] | None = field(default=None, repr=False)
+    # Artifact credentials expire this long after they are minted (None: never).
+    credential_ttl_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.credential_ttl_s is not None and not self.credential_ttl_s > 0:
+            raise ValueError(f"credential_ttl_s={self.credential_ttl_s!r}: must be more than 0")
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,9 @@ async def running_emulator(settings: EmulatorSettings) -> AsyncIterator[Endpoint
         await s3.start()
         store = JobStore(time.monotonic, settings.timeouts)
         faults = Faults(settings.faults, random.Random(settings.seed))
-        api = CodePipelineApi(store, faults, s3, SigV4Checker(settings.sigv4_keys))
+        api = CodePipelineApi(
+            store, faults, s3, SigV4Checker(settings.sigv4_keys), settings.credential_ttl_s
+        )
         runner = web.AppRunner(build_app(api), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)

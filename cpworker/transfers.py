@@ -1,0 +1,491 @@
+"""Moving artifact bytes: concurrent ranged downloads, multipart uploads, streams.
+
+One `Transfers` per worker process shares one S3 client and one budget of concurrent part
+transfers between all jobs, so 200 jobs with 8 parts each cannot exhaust memory or
+sockets: a part waits first for its job's limit (`job_concurrency`) and then for the
+process's (`process_concurrency`). Memory stays bounded by the number of parts in flight
+times the write buffer (1 MiB) for downloads and times 256 KiB (aiohttp's read size) for
+uploads from files, never by artifact size. `ArtifactWriter` (bytes from a handler) holds
+at most `job_concurrency + 1` parts in memory.
+
+- **Download**: objects up to `multipart_threshold` in one GET (botocore checks the
+  object's checksum when it has one); larger ones in ranged GETs of `part_size`, each sent
+  with `If-Match` of the object's ETag, so every part comes from the same version, written
+  at its offset with aiofiles. A part whose connection breaks mid-answer is fetched again
+  from where it stopped (twice at most). The file must end up exactly the object's size.
+- **Upload**: files up to `multipart_threshold` in one PutObject with a SHA-256 checksum;
+  larger ones by multipart upload with a CRC32 checksum per part (computed off the event
+  loop; S3 checks it). A failed or cancelled multipart upload is aborted, so no parts are
+  left behind, and the error is raised.
+
+Every request is signed with the job's `JobCredentials` and renewed as `cpworker.s3`
+describes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import math
+import os
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import aiofiles.threadpool
+import anyio
+import msgspec
+
+from cpworker.errors import ArtifactError, CpWorkerError, first_exception
+from cpworker.s3 import TRANSPORT_CODE, JobCredentials, ObjectInfo, ObjectRef, SharedS3
+
+__all__ = ["MIB", "ArtifactWriter", "TransferSettings", "Transfers"]
+
+log = logging.getLogger("cpworker.transfers")
+
+MIB: Final = 1024 * 1024
+# S3's limits on multipart uploads.
+MIN_UPLOAD_PART: Final = 5 * MIB
+MAX_PARTS: Final = 10_000
+_WRITE_BUFFER = MIB
+_READ_ATTEMPTS = 3
+_ABORT_TIMEOUT_S = 30.0
+
+
+class TransferSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Part sizes (bytes) and how many parts move at once, per job and per process."""
+
+    part_size: int = 8 * MIB
+    multipart_threshold: int = 16 * MIB
+    job_concurrency: int = 8
+    process_concurrency: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("part_size", "multipart_threshold", "job_concurrency", "process_concurrency"):
+            if getattr(self, name) < 1:
+                raise CpWorkerError(f"{name}={getattr(self, name)!r}: must be 1 or more")
+
+    def upload_part_size(self, size: int) -> int:
+        """At least S3's minimum part size, and large enough for at most 10,000 parts."""
+        return max(self.part_size, MIN_UPLOAD_PART, math.ceil(size / MAX_PARTS))
+
+
+class Transfers:
+    """The process's transfer engine: one S3 client, one budget, one byte counter."""
+
+    def __init__(
+        self,
+        s3: SharedS3,
+        settings: TransferSettings,
+        on_bytes: Callable[[str, int], None] = lambda *_: None,
+    ) -> None:
+        self.s3 = s3
+        self.settings = settings
+        self.budget = anyio.CapacityLimiter(settings.process_concurrency)
+        self.on_bytes = on_bytes
+
+    # --- download ----------------------------------------------------------------------
+
+    async def download(
+        self, credentials: JobCredentials, ref: ObjectRef, info: ObjectInfo, path: Path
+    ) -> None:
+        """Fetch the object (`info` from `SharedS3.head`) into the existing file at `path`."""
+        if info.size <= self.settings.multipart_threshold:
+            ranges: list[tuple[int, int] | None] = [None]
+        else:
+            step = self.settings.part_size
+            ranges = [(s, min(s + step, info.size) - 1) for s in range(0, info.size, step)]
+        job_limit = anyio.CapacityLimiter(self.settings.job_concurrency)
+        written = [0]
+        try:
+            async with anyio.create_task_group() as tg:
+                for byte_range in ranges:
+                    tg.start_soon(
+                        self._download_part, credentials, ref, info, path, byte_range, job_limit,
+                        written,
+                    )  # fmt: skip
+        except ExceptionGroup as group:  # only plain exceptions: cancellation passes through
+            raise first_exception(group) from None
+        if written[0] != info.size:
+            raise ArtifactError(
+                f"{ref}: download incomplete, got {written[0]} of {info.size} bytes; retry the job"
+            )
+
+    async def _download_part(
+        self,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        info: ObjectInfo,
+        path: Path,
+        byte_range: tuple[int, int] | None,
+        job_limit: anyio.CapacityLimiter,
+        written: list[int],
+    ) -> None:
+        first, last = byte_range if byte_range is not None else (0, info.size - 1)
+        position = [first]  # the next byte to fetch, moved on by every write
+        async with job_limit, self.budget:
+            for attempt in range(_READ_ATTEMPTS):
+                try:
+                    whole = byte_range is None and position[0] == 0
+                    await self._fetch_into(credentials, ref, info, path, position, last, whole)
+                    break
+                except ArtifactError as exc:
+                    if exc.code != TRANSPORT_CODE or attempt == _READ_ATTEMPTS - 1:
+                        raise
+                    log.info("%s: connection broke, fetching again from byte %d", ref, position[0])
+        written[0] += position[0] - first
+
+    async def _fetch_into(
+        self,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        info: ObjectInfo,
+        path: Path,
+        position: list[int],
+        last: int,
+        whole: bool,
+    ) -> None:
+        """Write bytes `position[0]`..`last` at their offset in `path` (`whole`: one GET).
+
+        Opened synchronously, so a cancelled task cannot leave the file open; aiofiles does
+        the writes in its thread pool, a buffer of about 1 MiB at a time.
+        """
+        start = position[0]
+        chunks = self.s3.iter_range(credentials, ref, None if whole else start, last, info.etag)
+        with _open_for_writing(path, ref) as file:
+            out = aiofiles.threadpool.wrap(file)
+            await out.seek(start)
+            buffer: list[bytes] = []
+            buffered = 0
+            async with aclosing(chunks) as stream:
+                async for chunk in stream:
+                    buffer.append(chunk)
+                    buffered += len(chunk)
+                    if buffered >= _WRITE_BUFFER:
+                        position[0] += await self._write(out, buffer, ref)
+                        buffered = 0
+            position[0] += await self._write(out, buffer, ref)
+        if position[0] != last + 1:
+            raise ArtifactError(
+                f"{ref}: S3 sent {position[0] - start} bytes for bytes {start}-{last}; "
+                "retry the job",
+                code=TRANSPORT_CODE,
+            )
+
+    async def _write(self, out: Any, buffer: list[bytes], ref: ObjectRef) -> int:
+        data = b"".join(buffer)
+        buffer.clear()
+        try:
+            await out.write(data)
+        except OSError as exc:
+            raise ArtifactError(
+                f"{ref}: cannot write the download ({exc.strerror}); free disk space or give "
+                "the worker another work_dir"
+            ) from None
+        self.on_bytes("download", len(data))
+        return len(data)
+
+    # --- upload ------------------------------------------------------------------------
+
+    async def upload(
+        self, credentials: JobCredentials, ref: ObjectRef, path: Path, *, kms_key_id: str
+    ) -> int:
+        """Upload the file at `path` with SSE-KMS under `kms_key_id`; returns its size."""
+        size = (await anyio.Path(path).stat()).st_size
+        if size <= self.settings.multipart_threshold:
+            digest = await anyio.to_thread.run_sync(_sha256, path)
+            async with self.budget:
+                with path.open("rb") as body:
+                    await self.s3.put_file(
+                        credentials, ref, body, kms_key_id=kms_key_id, checksum_sha256=digest
+                    )
+            self.on_bytes("upload", size)
+            return size
+        step = self.settings.upload_part_size(size)
+        ranges = [(n + 1, s, min(step, size - s)) for n, s in enumerate(range(0, size, step))]
+        async with self._multipart(credentials, ref, kms_key_id) as (upload_id, parts):
+            job_limit = anyio.CapacityLimiter(self.settings.job_concurrency)
+            async with anyio.create_task_group() as tg:
+                for number, start, length in ranges:
+                    tg.start_soon(
+                        self._upload_file_part, credentials, ref, upload_id, path,
+                        (number, start, length), job_limit, parts,
+                    )  # fmt: skip
+        return size
+
+    async def _upload_file_part(
+        self,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        upload_id: str,
+        path: Path,
+        part: tuple[int, int, int],
+        job_limit: anyio.CapacityLimiter,
+        parts: list[dict[str, Any]],
+    ) -> None:
+        number, start, length = part
+        async with job_limit, self.budget:
+            crc = await anyio.to_thread.run_sync(_crc32_file, path, start, length)
+            with _FileSlice(path, start, length) as body:
+                entry = await self.s3.upload_part(
+                    credentials, ref, upload_id, number, body, length=length, checksum_crc32=crc
+                )
+        parts.append(entry)
+        self.on_bytes("upload", length)
+
+    async def upload_bytes_part(
+        self,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        upload_id: str,
+        number: int,
+        data: bytes,
+        parts: list[dict[str, Any]],
+    ) -> None:
+        """One part from memory (for `ArtifactWriter`)."""
+        crc = _b64_crc32(await anyio.to_thread.run_sync(zlib.crc32, data))
+        async with self.budget:
+            entry = await self.s3.upload_part(
+                credentials, ref, upload_id, number, io.BytesIO(data),
+                length=len(data), checksum_crc32=crc,
+            )  # fmt: skip
+        parts.append(entry)
+        self.on_bytes("upload", len(data))
+
+    @asynccontextmanager
+    async def _multipart(
+        self, credentials: JobCredentials, ref: ObjectRef, kms_key_id: str
+    ) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+        """A multipart upload: completed when the body ends, aborted when it raises."""
+        upload_id = await self.s3.create_multipart(credentials, ref, kms_key_id=kms_key_id)
+        parts: list[dict[str, Any]] = []
+        try:
+            try:
+                yield upload_id, parts
+            except ExceptionGroup as group:  # only plain exceptions: cancellation passes
+                raise first_exception(group) from None
+            await self.s3.complete_multipart(credentials, ref, upload_id, parts)
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT_S):
+                await self.abort_multipart(credentials, ref, upload_id)
+            raise
+
+    async def abort_multipart(
+        self, credentials: JobCredentials, ref: ObjectRef, upload_id: str
+    ) -> None:
+        """Abort a multipart upload; a failure is logged (the parts would be orphaned)."""
+        try:
+            await self.s3.abort_multipart(credentials, ref, upload_id)
+        except ArtifactError as exc:
+            log.warning(
+                "%s: could not abort multipart upload %s (%s); a bucket lifecycle rule "
+                "(AbortIncompleteMultipartUpload) removes its parts",
+                ref,
+                upload_id,
+                exc.code,
+                extra={"event": "multipart_abort_failed"},
+            )
+
+    # --- streams -----------------------------------------------------------------------
+
+    async def stream(
+        self, credentials: JobCredentials, ref: ObjectRef, chunk_size: int = MIB
+    ) -> AsyncGenerator[bytes, None]:
+        """The object's bytes in order, chunks of at most `chunk_size`, never on disk.
+
+        A connection that breaks mid-answer is resumed where it stopped (twice at most).
+        """
+        info = await self.s3.head(credentials, ref)
+        done = 0
+        for attempt in range(_READ_ATTEMPTS):
+            if done >= info.size:
+                return
+            chunks = self.s3.iter_range(
+                credentials, ref, done or None, info.size - 1, info.etag, chunk_size
+            )
+            try:
+                async with aclosing(chunks) as stream:
+                    async for chunk in stream:
+                        done += len(chunk)
+                        self.on_bytes("download", len(chunk))
+                        yield chunk
+            except ArtifactError as exc:
+                if exc.code != TRANSPORT_CODE or attempt == _READ_ATTEMPTS - 1:
+                    raise
+        if done != info.size:
+            raise ArtifactError(f"{ref}: got {done} of {info.size} bytes; retry the job")
+
+    @asynccontextmanager
+    async def writer(
+        self, credentials: JobCredentials, ref: ObjectRef, *, kms_key_id: str
+    ) -> AsyncIterator[ArtifactWriter]:
+        """An `ArtifactWriter`; the object exists once the block ends without an error."""
+        writer = ArtifactWriter(self, credentials, ref, kms_key_id)
+        try:
+            try:
+                async with anyio.create_task_group() as tg:
+                    writer.task_group = tg
+                    yield writer
+                    await writer.flush()
+            except ExceptionGroup as group:  # only plain exceptions: cancellation passes
+                raise first_exception(group) from None
+            await writer.complete()
+        except BaseException:
+            await writer.abort()
+            raise
+
+
+class ArtifactWriter:
+    """Bytes written by a handler, uploaded in parts while it writes (see `Transfers.writer`).
+
+    `write()` waits while `job_concurrency` parts are uploading, so memory stays below
+    (`job_concurrency` + 1) times the part size. If everything fits in one part, it is sent
+    in one PutObject.
+    """
+
+    def __init__(
+        self, transfers: Transfers, credentials: JobCredentials, ref: ObjectRef, kms_key_id: str
+    ) -> None:
+        self._transfers = transfers
+        self._credentials = credentials
+        self._ref = ref
+        self._kms_key_id = kms_key_id
+        self._part_size = transfers.settings.upload_part_size(0)
+        self._in_flight = anyio.Semaphore(transfers.settings.job_concurrency)
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._next_part = 1
+        self.size = 0
+        self.task_group: Any = None
+
+    async def write(self, data: bytes) -> None:
+        """Append `data`; each full part starts uploading in the background."""
+        self._buffer += data
+        self.size += len(data)
+        while len(self._buffer) >= self._part_size:
+            part = bytes(self._buffer[: self._part_size])
+            del self._buffer[: self._part_size]
+            await self._start_part(part)
+
+    async def _start_part(self, data: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = await self._transfers.s3.create_multipart(
+                self._credentials, self._ref, kms_key_id=self._kms_key_id
+            )
+        await self._in_flight.acquire()
+        number, self._next_part = self._next_part, self._next_part + 1
+        self.task_group.start_soon(self._upload_part, self._upload_id, number, data)
+
+    async def _upload_part(self, upload_id: str, number: int, data: bytes) -> None:
+        try:
+            await self._transfers.upload_bytes_part(
+                self._credentials, self._ref, upload_id, number, data, self._parts
+            )
+        finally:
+            self._in_flight.release()
+
+    async def flush(self) -> None:
+        """Send what is buffered: the last part, or the whole object in one PutObject."""
+        if self._upload_id is not None:
+            if self._buffer:
+                await self._start_part(bytes(self._buffer))
+                self._buffer.clear()
+            return
+        data = bytes(self._buffer)
+        digest = await anyio.to_thread.run_sync(_sha256_bytes, data)
+        async with self._transfers.budget:
+            await self._transfers.s3.put_file(
+                self._credentials, self._ref, io.BytesIO(data),
+                kms_key_id=self._kms_key_id, checksum_sha256=digest,
+            )  # fmt: skip
+        self._transfers.on_bytes("upload", len(data))
+
+    async def complete(self) -> None:
+        """Once every part is uploaded: complete the multipart upload."""
+        if self._upload_id is not None:
+            await self._transfers.s3.complete_multipart(
+                self._credentials, self._ref, self._upload_id, self._parts
+            )
+
+    async def abort(self) -> None:
+        if self._upload_id is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT_S):
+                await self._transfers.abort_multipart(self._credentials, self._ref, self._upload_id)
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes `start`..`start + length` of a file, as a seekable file of its own.
+
+    An upload part's body: aiohttp reads it in its executor, botocore rewinds it (`seek(0)`)
+    before a retry, so no part is ever held in memory.
+    """
+
+    def __init__(self, path: Path, start: int, length: int) -> None:
+        super().__init__()
+        self._file = path.open("rb", buffering=0)
+        self._start, self._length, self._pos = start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)[: max(0, self._length - self._pos)]
+        if not view:
+            return 0
+        count = os.preadv(self._file.fileno(), [view], self._start + self._pos)
+        self._pos += count
+        return count
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a slice of a file has no file descriptor of its own")
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_for_writing(path: Path, ref: ObjectRef) -> Any:
+    try:
+        return path.open("r+b")
+    except OSError as exc:
+        raise ArtifactError(
+            f"{ref}: cannot open {path} for the download ({exc.strerror}); the worker needs "
+            "write access to its work_dir"
+        ) from None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return base64.b64encode(hashlib.file_digest(file, "sha256").digest()).decode("ascii")
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+
+
+def _crc32_file(path: Path, start: int, length: int) -> str:
+    crc = 0
+    with _FileSlice(path, start, length) as body:
+        while chunk := body.read(MIB):
+            crc = zlib.crc32(chunk, crc)
+    return _b64_crc32(crc)
+
+
+def _b64_crc32(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
