@@ -6,9 +6,10 @@
   budget before a byte is fetched; then downloads it (`cpworker.transfers`) into a private
   temp file beside its target directory (mode 0700) and unpacks it there off the event
   loop (`cpworker.archives`: zip, tar or tar.gz by content, with the unpack limits).
-- `upload` packs a directory off the event loop into a temp file beside it (zip, tar or
-  tar.gz as configured; `input`: the format of the first input the job unpacked) and
-  uploads it with SSE-KMS: the job's encryption key, else the AWS-managed `aws/s3` key.
+- `upload` packs a directory off the event loop (`cpworker.packing`) into a temp file
+  beside it (zip, tar or tar.gz as configured; `input`: the format of the first input
+  the job unpacked) and uploads it with SSE-KMS: the job's encryption key, else the
+  AWS-managed `aws/s3` key.
 - `stream` and `writer` move an artifact's bytes as they are, without touching disk.
 
 Temp files and failed targets are removed whatever happens, also on cancellation; every
@@ -31,7 +32,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from cpworker import archives, models
+from cpworker import archives, models, packing
 from cpworker.archives import Format, UnpackLimits
 from cpworker.context import ArtifactIO
 from cpworker.errors import ArtifactError, CpWorkerError
@@ -157,7 +158,7 @@ class JobArtifacts(ArtifactIO):
             )
         archive = _temp_file(source, ".pack", ref)
         try:
-            await anyio.to_thread.run_sync(archives.pack, source, archive, self._format(), str(ref))
+            await anyio.to_thread.run_sync(packing.pack, source, archive, self._format(), str(ref))
             return await self._transfers.upload(
                 credentials, ref, archive, kms_key_id=self._kms_key_id()
             )

@@ -19,7 +19,7 @@ artifact's bytes as they are, without unpacking or touching disk.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -46,7 +46,7 @@ class ArtifactIO:
     async def upload(self, artifact: m.Artifact, source: Path) -> int:
         raise NotImplementedError
 
-    def stream(self, artifact: m.Artifact, chunk_size: int) -> AsyncIterator[bytes]:
+    def stream(self, artifact: m.Artifact, chunk_size: int) -> AsyncGenerator[bytes, None]:
         raise NotImplementedError
 
     def writer(self, artifact: m.Artifact) -> AbstractAsyncContextManager[ArtifactWriter]:
@@ -73,7 +73,7 @@ class InputArtifact:
                 self._path = await self._io.download(self.artifact, self._target)
             return self._path
 
-    def stream(self, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+    def stream(self, chunk_size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
         """The artifact's bytes as stored (the zip or tar itself), in order, never on disk::
 
         async with contextlib.aclosing(job.inputs["Src"].stream()) as chunks:

@@ -28,10 +28,10 @@ from cpworker.archives import (
     Unpacked,
     UnpackLimits,
     detect_format,
-    pack,
     unpack,
 )
 from cpworker.errors import ArtifactError, CpWorkerError
+from cpworker.packing import pack
 
 LIMITS = UnpackLimits()
 WHAT = "input artifact 'Crafted'"

@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import pytest
 
-from cpworker import archives
+from cpworker import archives, packing
 from cpworker import models as m
 from cpworker.artifacts import ArtifactSettings, DiskBudget, JobArtifacts, UnpackLimits
 from cpworker.control_plane import ControlPlane
@@ -416,7 +416,7 @@ async def test_a_tar_input_is_unpacked_and_the_output_follows_its_format(
     source.mkdir()
     _make_source(source)
     packed = tmp_path / "made.archive"
-    archives.pack(source, packed, fmt, "test")  # type: ignore[arg-type]
+    packing.pack(source, packed, fmt, "test")  # type: ignore[arg-type]
     artifact = await _put_zip(s3.raw, job, packed.read_bytes())
     artifacts = s3.artifacts(output_format="input")
     unpacked = await artifacts.download(artifact, tmp_path / "in")

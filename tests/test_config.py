@@ -215,6 +215,24 @@ ERRORS = {
     "missing required key": Case(
         (FILE, "action_types.build", "missing required field `handler`"), build={"handler": None}
     ),
+    "output format": Case(
+        (FILE, "action_types.build.output_format", "'rar'", "allowed: zip, tar, tar.gz, input"),
+        build={"output_format": "rar"},
+    ),
+    "transfer concurrency 0 from env": Case(
+        ("CPWORKER_TRANSFER_CONCURRENCY", "transfer_concurrency=0", "1 or more"),
+        env={"CPWORKER_TRANSFER_CONCURRENCY": "0"},
+    ),
+    "part size 0": Case(
+        (FILE, "transfer_part_size_mib=0", "greater than 0"), top={"transfer_part_size_mib": 0}
+    ),
+    "negative disk budget": Case(
+        (FILE, "disk_budget_mib=-1", "0 or more"), top={"disk_budget_mib": -1}
+    ),
+    "credential refresh 0": Case(
+        (FILE, "artifact_credentials_refresh_s=0", "greater than 0"),
+        top={"artifact_credentials_refresh_s": 0},
+    ),
     "override into a non-table": Case(
         ("CPWORKER_ACTION_TYPES__BUILD__SLOTS__MAX", "action_types.build.slots is not a table"),
         build={"slots": 4},
