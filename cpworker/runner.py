@@ -252,22 +252,25 @@ class JobRunner:
         job_log = JobLogger(logging.getLogger("cpworker.job"), _job_fields(job_id, self.name, data))
         work_dir: Path | None = None
         try:
-            with anyio.CancelScope(shield=True):  # made here, always removed below
-                made = work_dir = Path(await anyio.to_thread.run_sync(self._make_work_dir, job_id))
-            outcome = await self._outcome(self._context(job_id, data, io, made, job_log))
-        except anyio.get_cancelled_exc_class():
-            failed = Failed(SHUTDOWN_MESSAGE, type="SystemUnavailable")
-            await self._report(job_id, reporter, failed, started, job_log, shutdown=True)
-            raise
-        except Exception as exc:  # the job is ours: whatever broke, it gets a result
-            job_log.exception("cannot run the job", extra={"event": "job_error"})
-            outcome = Failed(_describe(exc, "the worker could not run the job"), type="JobFailed")
-        try:
+            try:
+                with anyio.CancelScope(shield=True):  # made here, always removed below
+                    made = work_dir = Path(
+                        await anyio.to_thread.run_sync(self._make_work_dir, job_id)
+                    )
+                outcome = await self._outcome(self._context(job_id, data, io, made, job_log))
+            except anyio.get_cancelled_exc_class():
+                failed = Failed(SHUTDOWN_MESSAGE, type="SystemUnavailable")
+                await self._report(job_id, reporter, failed, started, job_log, shutdown=True)
+                raise
+            except Exception as exc:  # the job is ours: whatever broke, it gets a result
+                job_log.exception("cannot run the job", extra={"event": "job_error"})
+                message = _describe(exc, "the worker could not run the job")
+                outcome = Failed(message, type="JobFailed")
             await self._report(job_id, reporter, outcome, started, job_log)
-        finally:
-            await io.aclose()
-            if work_dir is not None:
-                with anyio.CancelScope(shield=True):
+        finally:  # after every outcome, cancellation included
+            with anyio.CancelScope(shield=True):
+                await io.aclose()
+                if work_dir is not None:
                     await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
             redactor.discard(*secrets)
 

@@ -6,9 +6,12 @@ emulator never see each other's jobs.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +29,28 @@ from cpworker.worker import Worker
 # The emulator accepts any SigV4 identity; tests sign as this one.
 TEST_KEY_ID = "AKIDCPWORKERTESTS"
 TEST_SECRET = "test-secret"  # not a secret: the emulator takes any key
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The system temp directory of this session, for workers and subprocesses alike.
+
+    Workers without `work_dir` make their job directories there; when the session ends it
+    must be empty: no test may leave a job's temp directory or a temp archive behind.
+    """
+    root = tmp_path_factory.mktemp("system-temp")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(root)
+    try:
+        yield root
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+    left = sorted(os.listdir(root))
+    assert left == [], f"temp files left behind in {root}: {left[:20]}"
 
 
 @pytest.fixture(scope="session")
