@@ -16,8 +16,10 @@ Temp files and failed targets are removed whatever happens, also on cancellation
 failure is an `ArtifactError` naming the artifact, the rule or S3's answer, and the fix.
 
 The disk budget counts, per process, the archives being downloaded and the bytes unpacked
-from them until their job ends. With `disk_budget_bytes = 0` there is no fixed budget and
-a download must fit the free space of the work directory's file system.
+from them until their job ends; each unpack may write what is left of it when it starts
+(so unpacks running at the same moment can overrun it by what they write together).
+With a budget of 0 there is no fixed budget and each download must fit the free space of
+the work directory's file system when it starts (nothing is counted).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -64,7 +66,7 @@ class DiskBudget:
     def available(self) -> int:
         if self.limit:
             return max(0, self.limit - self.used)
-        return max(0, shutil.disk_usage(self.root).free - self.used)
+        return shutil.disk_usage(self.root).free
 
     def reserve(self, size: int, ref: ObjectRef) -> None:
         """Take `size` bytes, or fail (before anything is downloaded) naming the fix."""
@@ -80,10 +82,17 @@ class DiskBudget:
                 f"{ref}: its {size} bytes do not fit in {budget}, {available} bytes are left; "
                 "raise disk_budget_mib, give the worker more disk or fewer slots"
             )
-        self.used += size
+        if self.limit:  # free space counts what is written by itself
+            self.used += size
+
+    def count(self, size: int) -> None:
+        """Bytes already written (unpacked inputs): counted, never refused."""
+        if self.limit:
+            self.used += size
 
     def release(self, size: int) -> None:
-        self.used = max(0, self.used - size)
+        if self.limit:
+            self.used = max(0, self.used - size)
 
 
 class JobArtifacts(ArtifactIO):
@@ -105,7 +114,11 @@ class JobArtifacts(ArtifactIO):
         self._credentials = credentials
         self._output_format = output_format
         self._reserved = 0
+        self._job_limit = transfers.job_limit()  # one limit for all the job's transfers
         self.unpacked_formats: list[Format] = []
+        # Where temp archives are packed (the job's work directory, set by the runner);
+        # None: beside the directory being packed.
+        self.temp_dir: Path | None = None
 
     def _job_credentials(self) -> JobCredentials:
         if self._credentials is None:
@@ -128,14 +141,15 @@ class JobArtifacts(ArtifactIO):
             self._release(info.size)
             raise
         try:
-            archive = _temp_file(target, ".part", ref)
+            archive = _temp_file(target.parent, ".part", ref)
             try:
-                await self._transfers.download(credentials, ref, info, archive)
+                await self._transfers.download(credentials, ref, info, archive, self._job_limit)
                 unpacked = await anyio.to_thread.run_sync(self._unpack, archive, target, str(ref))
             finally:
                 archive.unlink(missing_ok=True)  # synchronous on purpose, see _temp_file
         except BaseException:
-            shutil.rmtree(target, ignore_errors=True)
+            with anyio.CancelScope(shield=True):  # may be many files: not on the event loop
+                await anyio.to_thread.run_sync(shutil.rmtree, target, True)
             raise
         finally:
             self._release(info.size)
@@ -156,11 +170,11 @@ class JobArtifacts(ArtifactIO):
                 f"{ref}: {source} does not exist or is not a directory; the handler must write "
                 "the artifact's files into that directory before it returns"
             )
-        archive = _temp_file(source, ".pack", ref)
+        archive = _temp_file(self.temp_dir or source.parent, ".pack", ref)
         try:
             await anyio.to_thread.run_sync(packing.pack, source, archive, self._format(), str(ref))
             return await self._transfers.upload(
-                credentials, ref, archive, kms_key_id=self._kms_key_id()
+                credentials, ref, archive, kms_key_id=self._kms_key_id(), job_limit=self._job_limit
             )
         finally:
             archive.unlink(missing_ok=True)  # synchronous on purpose, see _temp_file
@@ -170,16 +184,20 @@ class JobArtifacts(ArtifactIO):
     ) -> AsyncGenerator[bytes, None]:
         """The input artifact's bytes as stored (the archive itself), in order."""
         ref = _object_ref(artifact, "input")
-        async for chunk in self._transfers.stream(self._job_credentials(), ref, chunk_size):
-            yield chunk
+        chunks = self._transfers.stream(self._job_credentials(), ref, chunk_size)
+        async with aclosing(chunks) as stream:
+            async for chunk in stream:
+                yield chunk
 
     @asynccontextmanager
     async def writer(self, artifact: models.Artifact) -> AsyncIterator[ArtifactWriter]:
         """Write the output artifact's bytes as they are to be stored."""
         ref = _object_ref(artifact, "output")
         credentials = self._job_credentials()
-        async with self._transfers.writer(credentials, ref, kms_key_id=self._kms_key_id()) as w:
-            yield w
+        async with self._transfers.writer(
+            credentials, ref, kms_key_id=self._kms_key_id(), job_limit=self._job_limit
+        ) as writer:
+            yield writer
 
     def _format(self) -> Format:
         if self._output_format == "input":
@@ -195,7 +213,7 @@ class JobArtifacts(ArtifactIO):
         self._reserved += size
 
     def _reserve_unpacked(self, size: int) -> None:
-        self._disk.used += size  # already on disk: counted, never refused
+        self._disk.count(size)
         self._reserved += size
 
     def _release(self, size: int) -> None:
@@ -235,17 +253,17 @@ def _make_target(target: Path, ref: ObjectRef) -> None:
         ) from None
 
 
-def _temp_file(beside: Path, suffix: str, ref: ObjectRef) -> Path:
-    """A new, empty, private (0o600) temp file in the folder of `beside`.
+def _temp_file(folder: Path, suffix: str, ref: ObjectRef) -> Path:
+    """A new, empty, private (0o600) temp file in `folder`.
 
     Created synchronously, as is its removal in `finally` blocks: a cancelled task
     could not await anything there, and a file made in a thread could be lost.
     """
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent)
+        fd, name = tempfile.mkstemp(prefix=".artifact.", suffix=suffix, dir=folder)
     except OSError as exc:
         raise ArtifactError(
-            f"{ref}: cannot create a temp file in {beside.parent} ({exc.strerror}); the "
+            f"{ref}: cannot create a temp file in {folder} ({exc.strerror}); the "
             "worker needs write access and free space there"
         ) from None
     os.close(fd)

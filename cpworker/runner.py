@@ -257,6 +257,7 @@ class JobRunner:
                     made = work_dir = Path(
                         await anyio.to_thread.run_sync(self._make_work_dir, job_id)
                     )
+                io.temp_dir = made
                 outcome = await self._outcome(self._context(job_id, data, io, made, job_log))
             except anyio.get_cancelled_exc_class():
                 failed = Failed(SHUTDOWN_MESSAGE, type="SystemUnavailable")

@@ -170,15 +170,16 @@ class ObjectInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 class _Refreshable(AnyioRefreshableCredentials):  # type: ignore[misc]
     forced = False
+    generation = 0  # how many times they were refreshed
 
-    async def renew_if_current(self, used_key: str) -> bool:
-        """Refresh now unless the credentials changed since `used_key` was signed with.
+    async def renew_if_current(self, used_generation: int) -> bool:
+        """Refresh now unless they were refreshed since `used_generation` was signed with.
 
         aiobotocore refreshes only by time; this forces one under its own refresh lock,
-        so concurrent callers that saw the same refused key cause one refresh together.
+        so concurrent callers refused with the same credentials cause one refresh together.
         """
         async with self._refresh_lock:
-            if self._access_key != used_key:
+            if self.generation != used_generation:
                 return False
             self.forced = True
             try:
@@ -234,17 +235,23 @@ class JobCredentials:
         reason = "refused" if self._credentials.forced else "scheduled"
         fresh = await self._fetch()
         self.renewals += 1
+        self._credentials.generation += 1
         self._on_renewal(reason, fresh)
         return self._metadata(fresh)
+
+    async def current(self) -> int:
+        """Renew first when due; the generation of the credentials requests use now."""
+        await self._credentials.get_frozen_credentials()
+        return int(self._credentials.generation)
 
     async def access_key(self) -> str:
         """The access key id requests are signed with now (renewed first when due)."""
         frozen = await self._credentials.get_frozen_credentials()
         return str(frozen.access_key)
 
-    async def renew(self, refused_key: str) -> None:
-        """S3 refused `refused_key`: renew now, unless another request already did."""
-        await self._credentials.renew_if_current(refused_key)
+    async def renew(self, refused_generation: int) -> None:
+        """S3 refused that generation: renew now, unless another request already did."""
+        await self._credentials.renew_if_current(refused_generation)
 
     @property
     def botocore(self) -> Any:
@@ -324,16 +331,18 @@ class SharedS3:
         """
         method = getattr(self._client, operation)
         for attempt in range(_RENEWALS_PER_REQUEST + 1):
-            used = await credentials.access_key()
+            used = await _guarded(ref, verb, credentials.current())
             try:
                 answer: dict[str, Any] = await _guarded(
                     ref, verb, method(**params, **{_CREDENTIALS_PARAM: credentials.botocore})
                 )
                 return answer
             except ArtifactError as exc:
-                if exc.code not in RENEW_ON or attempt == _RENEWALS_PER_REQUEST:
+                # A HEAD's bare 400/403 may be anything: renewing once is enough to tell.
+                limit = 1 if exc.code in ("400", "403") else _RENEWALS_PER_REQUEST
+                if exc.code not in RENEW_ON or attempt >= limit:
                     raise
-            await _renew(credentials, used, ref, verb)
+            await _guarded(ref, verb, credentials.renew(used))
             if (body := params.get("Body")) is not None:
                 body.seek(0)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -460,19 +469,6 @@ def _where(ref: ObjectRef) -> dict[str, str]:
     return {"Bucket": ref.bucket, "Key": ref.key}
 
 
-async def _renew(credentials: JobCredentials, used: str, ref: ObjectRef, verb: str) -> None:
-    """Renew refused credentials; a failed renewal is the job's failure, clearly named."""
-    try:
-        await credentials.renew(used)
-    except CpWorkerError as exc:
-        raise ArtifactError(
-            f"{ref}: {verb} failed, S3 refused the job's artifact credentials and renewing "
-            f"them (GetJobDetails) failed: {_redact(str(exc))}; retry the job",
-            failure_type="PermissionError",
-            code="RenewalFailed",
-        ) from None
-
-
 async def _guarded(ref: ObjectRef, verb: str, call: Awaitable[T]) -> T:
     """Await one S3 call; raise botocore's errors as `ArtifactError`, unchained."""
     try:
@@ -495,6 +491,16 @@ async def _guarded(ref: ObjectRef, verb: str, call: Awaitable[T]) -> T:
         # Other botocore errors can quote request arguments, so only the kind is named.
         error = ArtifactError(
             f"{ref}: {verb} failed, botocore refused ({type(exc).__name__}); {_HINTS['JobFailed']}"
+        )
+    except ArtifactError:
+        raise
+    except CpWorkerError as exc:  # renewing the credentials (GetJobDetails) failed
+        # cpworker's own errors never hold credentials (and the runner redacts again).
+        error = ArtifactError(
+            f"{ref}: {verb} failed, the job's artifact credentials could not be renewed "
+            f"({exc}); retry the job",
+            failure_type="PermissionError",
+            code="RenewalFailed",
         )
     # Raised here, outside the except clauses, so that it has no __context__ either.
     raise error

@@ -5,8 +5,8 @@ transfers between all jobs, so 200 jobs with 8 parts each cannot exhaust memory 
 sockets: a part waits first for its job's limit (`job_concurrency`) and then for the
 process's (`process_concurrency`). Memory stays bounded by the number of parts in flight
 times the write buffer (1 MiB) for downloads and times 256 KiB (aiohttp's read size) for
-uploads from files, never by artifact size. `ArtifactWriter` (bytes from a handler) holds
-at most `job_concurrency + 1` parts in memory.
+uploads from files, never by artifact size. Streams hold one part each in memory, and an
+`ArtifactWriter` the part it fills, plus its parts in flight (within both budgets).
 
 - **Download**: objects up to `multipart_threshold` in one GET (botocore checks the
   object's checksum when it has one); larger ones in ranged GETs of `part_size`, each sent
@@ -90,8 +90,17 @@ class Transfers:
 
     # --- download ----------------------------------------------------------------------
 
+    def job_limit(self) -> anyio.CapacityLimiter:
+        """A new job's own limit on its parts in flight (share it across its transfers)."""
+        return anyio.CapacityLimiter(self.settings.job_concurrency)
+
     async def download(
-        self, credentials: JobCredentials, ref: ObjectRef, info: ObjectInfo, path: Path
+        self,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        info: ObjectInfo,
+        path: Path,
+        job_limit: anyio.CapacityLimiter | None = None,
     ) -> None:
         """Fetch the object (`info` from `SharedS3.head`) into the existing file at `path`."""
         if info.size <= self.settings.multipart_threshold:
@@ -99,7 +108,7 @@ class Transfers:
         else:
             step = self.settings.part_size
             ranges = [(s, min(s + step, info.size) - 1) for s in range(0, info.size, step)]
-        job_limit = anyio.CapacityLimiter(self.settings.job_concurrency)
+        job_limit = job_limit or self.job_limit()
         written = [0]
         try:
             async with anyio.create_task_group() as tg:
@@ -192,7 +201,13 @@ class Transfers:
     # --- upload ------------------------------------------------------------------------
 
     async def upload(
-        self, credentials: JobCredentials, ref: ObjectRef, path: Path, *, kms_key_id: str
+        self,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        path: Path,
+        *,
+        kms_key_id: str,
+        job_limit: anyio.CapacityLimiter | None = None,
     ) -> int:
         """Upload the file at `path` with SSE-KMS under `kms_key_id`; returns its size."""
         size = (await anyio.Path(path).stat()).st_size
@@ -208,7 +223,7 @@ class Transfers:
         step = self.settings.upload_part_size(size)
         ranges = [(n + 1, s, min(step, size - s)) for n, s in enumerate(range(0, size, step))]
         async with self._multipart(credentials, ref, kms_key_id) as (upload_id, parts):
-            job_limit = anyio.CapacityLimiter(self.settings.job_concurrency)
+            job_limit = job_limit or self.job_limit()
             async with anyio.create_task_group() as tg:
                 for number, start, length in ranges:
                     tg.start_soon(
@@ -246,13 +261,12 @@ class Transfers:
         data: bytes,
         parts: list[dict[str, Any]],
     ) -> None:
-        """One part from memory (for `ArtifactWriter`)."""
+        """One part from memory (for `ArtifactWriter`, which holds the budget for it)."""
         crc = _b64_crc32(await anyio.to_thread.run_sync(zlib.crc32, data))
-        async with self.budget:
-            entry = await self.s3.upload_part(
-                credentials, ref, upload_id, number, io.BytesIO(data),
-                length=len(data), checksum_crc32=crc,
-            )  # fmt: skip
+        entry = await self.s3.upload_part(
+            credentials, ref, upload_id, number, io.BytesIO(data),
+            length=len(data), checksum_crc32=crc,
+        )  # fmt: skip
         parts.append(entry)
         self.on_bytes("upload", len(data))
 
@@ -297,104 +311,165 @@ class Transfers:
     ) -> AsyncGenerator[bytes, None]:
         """The object's bytes in order, chunks of at most `chunk_size`, never on disk.
 
-        A connection that breaks mid-answer is resumed where it stopped (twice at most).
+        Read ahead one part at a time (ranged GETs of `part_size`, under the process
+        budget), so no connection is held while the consumer works with a chunk: a handler
+        can stream an input into an `ArtifactWriter` however few connections there are.
+        Memory: one part per open stream.
         """
         info = await self.s3.head(credentials, ref)
-        done = 0
-        for attempt in range(_READ_ATTEMPTS):
-            if done >= info.size:
-                return
-            chunks = self.s3.iter_range(
-                credentials, ref, done or None, info.size - 1, info.etag, chunk_size
+        step = self.settings.part_size
+        for first in range(0, info.size, step):
+            last = min(first + step, info.size) - 1
+            part = await self._read_range(credentials, ref, info, first, last)
+            view = memoryview(part)
+            for start in range(0, len(part), chunk_size):
+                yield bytes(view[start : start + chunk_size])
+
+    async def _read_range(
+        self, credentials: JobCredentials, ref: ObjectRef, info: ObjectInfo, first: int, last: int
+    ) -> bytes:
+        """Bytes `first`..`last` in memory; a broken connection is resumed (twice at most)."""
+        received = bytearray()
+        async with self.budget:
+            for attempt in range(_READ_ATTEMPTS):
+                start = first + len(received)
+                chunks = self.s3.iter_range(credentials, ref, start, last, info.etag)
+                try:
+                    async with aclosing(chunks) as stream:
+                        async for chunk in stream:
+                            received += chunk
+                            self.on_bytes("download", len(chunk))
+                    break
+                except ArtifactError as exc:
+                    if exc.code != TRANSPORT_CODE or attempt == _READ_ATTEMPTS - 1:
+                        raise
+        if len(received) != last - first + 1:
+            raise ArtifactError(
+                f"{ref}: S3 sent {len(received)} bytes for bytes {first}-{last}; retry the job"
             )
-            try:
-                async with aclosing(chunks) as stream:
-                    async for chunk in stream:
-                        done += len(chunk)
-                        self.on_bytes("download", len(chunk))
-                        yield chunk
-            except ArtifactError as exc:
-                if exc.code != TRANSPORT_CODE or attempt == _READ_ATTEMPTS - 1:
-                    raise
-        if done != info.size:
-            raise ArtifactError(f"{ref}: got {done} of {info.size} bytes; retry the job")
+        return bytes(received)
 
     @asynccontextmanager
     async def writer(
-        self, credentials: JobCredentials, ref: ObjectRef, *, kms_key_id: str
+        self,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        *,
+        kms_key_id: str,
+        job_limit: anyio.CapacityLimiter | None = None,
     ) -> AsyncIterator[ArtifactWriter]:
         """An `ArtifactWriter`; the object exists once the block ends without an error."""
-        writer = ArtifactWriter(self, credentials, ref, kms_key_id)
+        writer = ArtifactWriter(self, credentials, ref, kms_key_id, job_limit or self.job_limit())
         try:
             try:
                 async with anyio.create_task_group() as tg:
-                    writer.task_group = tg
+                    writer._task_group = tg
                     yield writer
-                    await writer.flush()
+                    await writer._flush()
             except ExceptionGroup as group:  # only plain exceptions: cancellation passes
                 raise first_exception(group) from None
-            await writer.complete()
+            await writer._complete()
         except BaseException:
-            await writer.abort()
+            await writer._abort()
             raise
+        finally:
+            writer._closed = True
 
 
 class ArtifactWriter:
     """Bytes written by a handler, uploaded in parts while it writes (see `Transfers.writer`).
 
-    `write()` waits while `job_concurrency` parts are uploading, so memory stays below
-    (`job_concurrency` + 1) times the part size. If everything fits in one part, it is sent
-    in one PutObject.
+    A full part starts uploading in the background once it holds one of its job's part
+    slots and one of the process's, so `write()` waits while they are taken: memory stays
+    below the part being filled plus the parts in flight, which the process budget
+    bounds. If everything fits in one part, it is sent in one PutObject. A `write()` that
+    is cancelled makes the upload fail (it is aborted when the block ends): the artifact
+    would be missing bytes otherwise.
     """
 
     def __init__(
-        self, transfers: Transfers, credentials: JobCredentials, ref: ObjectRef, kms_key_id: str
+        self,
+        transfers: Transfers,
+        credentials: JobCredentials,
+        ref: ObjectRef,
+        kms_key_id: str,
+        job_limit: anyio.CapacityLimiter,
     ) -> None:
         self._transfers = transfers
         self._credentials = credentials
         self._ref = ref
         self._kms_key_id = kms_key_id
+        self._job_limit = job_limit
         self._part_size = transfers.settings.upload_part_size(0)
-        self._in_flight = anyio.Semaphore(transfers.settings.job_concurrency)
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._next_part = 1
+        self._interrupted = False
+        self._closed = False
+        self._task_group: Any = None
         self.size = 0
-        self.task_group: Any = None
 
     async def write(self, data: bytes) -> None:
         """Append `data`; each full part starts uploading in the background."""
-        self._buffer += data
-        self.size += len(data)
-        while len(self._buffer) >= self._part_size:
-            part = bytes(self._buffer[: self._part_size])
-            del self._buffer[: self._part_size]
-            await self._start_part(part)
+        if self._closed or self._interrupted:
+            raise ArtifactError(
+                f"{self._ref}: write() after the writer's block ended or a write was "
+                "interrupted; write everything inside one `async with ... writer()` block"
+            )
+        view = memoryview(data)
+        try:
+            while view:
+                take = min(self._part_size - len(self._buffer), len(view))
+                self._buffer += view[:take]
+                view = view[take:]
+                self.size += take
+                if len(self._buffer) == self._part_size:
+                    await self._start_part()
+        except BaseException:
+            self._interrupted = True
+            raise
 
-    async def _start_part(self, data: bytes) -> None:
+    async def _start_part(self) -> None:
+        if self._next_part > MAX_PARTS:
+            raise ArtifactError(
+                f"{self._ref}: more than {MAX_PARTS} parts of {self._part_size} bytes (S3's "
+                "limit); raise transfer_part_size_mib"
+            )
         if self._upload_id is None:
             self._upload_id = await self._transfers.s3.create_multipart(
                 self._credentials, self._ref, kms_key_id=self._kms_key_id
             )
-        await self._in_flight.acquire()
+        token = object()
+        await self._job_limit.acquire_on_behalf_of(token)
+        try:
+            await self._transfers.budget.acquire_on_behalf_of(token)
+        except BaseException:
+            self._job_limit.release_on_behalf_of(token)
+            raise
+        data, self._buffer = bytes(self._buffer), bytearray()
         number, self._next_part = self._next_part, self._next_part + 1
-        self.task_group.start_soon(self._upload_part, self._upload_id, number, data)
+        self._task_group.start_soon(self._upload_part, self._upload_id, number, data, token)
 
-    async def _upload_part(self, upload_id: str, number: int, data: bytes) -> None:
+    async def _upload_part(self, upload_id: str, number: int, data: bytes, token: object) -> None:
         try:
             await self._transfers.upload_bytes_part(
                 self._credentials, self._ref, upload_id, number, data, self._parts
             )
         finally:
-            self._in_flight.release()
+            self._transfers.budget.release_on_behalf_of(token)
+            self._job_limit.release_on_behalf_of(token)
 
-    async def flush(self) -> None:
+    async def _flush(self) -> None:
         """Send what is buffered: the last part, or the whole object in one PutObject."""
+        if self._interrupted:
+            raise ArtifactError(
+                f"{self._ref}: a write() was interrupted, so the artifact would be missing "
+                "bytes; the upload is aborted"
+            )
         if self._upload_id is not None:
             if self._buffer:
-                await self._start_part(bytes(self._buffer))
-                self._buffer.clear()
+                await self._start_part()
             return
         data = bytes(self._buffer)
         digest = await anyio.to_thread.run_sync(_sha256_bytes, data)
@@ -405,14 +480,14 @@ class ArtifactWriter:
             )  # fmt: skip
         self._transfers.on_bytes("upload", len(data))
 
-    async def complete(self) -> None:
+    async def _complete(self) -> None:
         """Once every part is uploaded: complete the multipart upload."""
         if self._upload_id is not None:
             await self._transfers.s3.complete_multipart(
                 self._credentials, self._ref, self._upload_id, self._parts
             )
 
-    async def abort(self) -> None:
+    async def _abort(self) -> None:
         if self._upload_id is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT_S):
                 await self._transfers.abort_multipart(self._credentials, self._ref, self._upload_id)
@@ -427,7 +502,13 @@ class _FileSlice(io.RawIOBase):
 
     def __init__(self, path: Path, start: int, length: int) -> None:
         super().__init__()
-        self._file = path.open("rb", buffering=0)
+        try:
+            self._file = path.open("rb", buffering=0)
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot read {path} to upload it ({exc.strerror}); the packed artifact "
+                "must stay in place until it is uploaded"
+            ) from None
         self._start, self._length, self._pos = start, length, 0
 
     def readable(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import stat
 import traceback
 import uuid
@@ -315,9 +316,9 @@ async def test_wrong_credentials_are_permission_errors_without_secrets(
     assert "'Src'" in str(download.value)
     assert "'Out'" in str(upload.value)
     assert _listing(tmp_path) == ["out"]
-    # Refused keys and tokens (and HeadObject's bare 403) are renewed, 3 times per request,
-    # before giving up; a bad signature on the upload is not a matter of renewal.
-    assert s3.fetched == (3 if which == "secret" else 6)
+    # Refused keys and tokens are renewed 3 times per request before giving up, the
+    # HeadObject's bare 400/403 once; a bad signature is not a matter of renewal.
+    assert s3.fetched == (1 if which == "secret" else 1 + 3)
 
 
 async def test_a_body_that_does_not_match_its_checksum_is_refused(
@@ -433,6 +434,17 @@ async def test_a_tar_input_is_unpacked_and_the_output_follows_its_format(
     ]
     assert upload["kmsKeyOk"] is True
     assert upload["kmsKeyId"] == KEY_ARN
+
+
+def test_without_a_fixed_budget_inputs_must_fit_the_free_space(tmp_path: Path) -> None:
+    disk = DiskBudget(0, tmp_path)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(ArtifactError, match=f"do not fit in the free space of {tmp_path}"):
+        disk.reserve(free + 1024**3, _object_ref_for_test())
+    disk.reserve(1024, _object_ref_for_test())
+    disk.count(10 * 1024**2)  # unpacked bytes already left the free space: not counted twice
+    assert disk.used == 0
+    assert abs(disk.available() - free) < 1024**3  # (other processes write meanwhile)
 
 
 def _object_ref_for_test() -> ObjectRef:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from cpworker import models as m
 from cpworker.control_plane import ControlPlane
 from cpworker.emulator.client import EmulatorProcess
-from cpworker.errors import ArtifactError
+from cpworker.errors import ArtifactError, CpWorkerError
 from cpworker.s3 import JobCredentials, ObjectRef, S3Settings, SharedS3
 from cpworker.transfers import MIB, Transfers, TransferSettings
 from tests.conftest import plain_s3
@@ -323,3 +324,102 @@ async def test_credentials_are_renewed_on_schedule(
             await shared.head(credentials, ref)
     assert job.renewals == ["scheduled"]
     assert await credentials.access_key() != first
+
+
+async def test_a_cancelled_write_fails_the_upload_instead_of_losing_bytes(
+    shared: SharedS3, raw: Any, job: Job
+) -> None:
+    ref = job.ref()
+    transfers, _ = _transfers(shared, TransferSettings(job_concurrency=1, process_concurrency=1))
+
+    async def handler() -> None:
+        async with transfers.writer(job.job_credentials(), ref, kms_key_id=KEY) as out:
+            await out.write(os.urandom(8 * MIB))  # part 1 takes the only slot
+            with anyio.move_on_after(0):  # the handler gives up on one write...
+                await out.write(os.urandom(8 * MIB))
+            await out.write(b"...and carries on")  # refused: the artifact has a hole
+
+    with pytest.raises(ArtifactError, match="interrupted"):
+        await handler()
+    assert await _open_uploads(raw, ref) == []
+    with pytest.raises(raw.exceptions.ClientError):
+        await raw.head_object(Bucket=ref.bucket, Key=ref.key)
+
+
+async def test_a_write_after_the_block_is_refused(shared: SharedS3, raw: Any, job: Job) -> None:
+    ref = job.ref()
+    transfers, _ = _transfers(shared)
+    async with transfers.writer(job.job_credentials(), ref, kms_key_id=KEY) as out:
+        await out.write(b"all of it")
+    with pytest.raises(ArtifactError, match="after the writer's block ended"):
+        await out.write(b"more")
+    assert await _get(raw, ref) == b"all of it"
+
+
+async def test_a_failed_part_aborts_the_multipart_upload(
+    shared: SharedS3, raw: Any, job: Job, tmp_path: Path
+) -> None:
+    source = tmp_path / "file"
+    source.write_bytes(os.urandom(12 * MIB))
+    ref = job.ref("output artifact 'Out'")
+    transfers, _ = _transfers(
+        shared, TransferSettings(part_size=5 * MIB, multipart_threshold=1, job_concurrency=1)
+    )
+    transfers.on_bytes = lambda *_: source.unlink(missing_ok=True)  # gone after part 1
+    with pytest.raises(ArtifactError, match="cannot read") as caught:
+        await transfers.upload(job.job_credentials(), ref, source, kms_key_id=KEY)
+    assert str(source) in str(caught.value)
+    assert await _open_uploads(raw, ref) == []
+
+
+async def test_a_failed_renewal_is_an_artifact_error_naming_the_artifact(
+    shared: SharedS3, raw: Any, job: Job
+) -> None:
+    ref = job.ref("input artifact 'Src'")
+    await _put(raw, ref, b"x")
+
+    async def fetch() -> m.ArtifactCredentials:
+        raise CpWorkerError("GetJobDetails answered JobNotFoundException")
+
+    credentials = JobCredentials(job.credentials, fetch, refresh_s=0.01)
+    with anyio.fail_after(10):  # renewal is mandatory after 1.5 x refresh_s
+        while True:
+            try:
+                await shared.head(credentials, ref)
+            except ArtifactError as exc:
+                error = exc
+                break
+    assert error.failure_type == "PermissionError"
+    assert error.code == "RenewalFailed"
+    assert "'Src'" in str(error)
+    assert "JobNotFoundException" in str(error)
+    assert job.credentials.secret_access_key not in str(error)
+
+
+async def test_one_renewal_serves_all_refused_parts_even_if_the_key_is_the_same(
+    shared: SharedS3, raw: Any, job: Job, tmp_path: Path
+) -> None:
+    ref = job.ref()
+    await _put(raw, ref, os.urandom(4 * MIB))
+    info = await shared.head(job.job_credentials(), ref)
+    bad = m.ArtifactCredentials(
+        access_key_id="ASIAUNKNOWNKEY000002",
+        secret_access_key=job.credentials.secret_access_key,
+        session_token=job.credentials.session_token,
+    )
+    fetched = []
+
+    async def fetch() -> m.ArtifactCredentials:
+        fetched.append(1)
+        await anyio.lowlevel.checkpoint()  # the other refused parts arrive while this one renews
+        return bad  # GetJobDetails gives the same (still refused) credentials again
+
+    credentials = JobCredentials(bad, fetch)
+    transfers, _ = _transfers(shared, TransferSettings(part_size=MIB, multipart_threshold=1))
+    target = tmp_path / "object"
+    target.touch()
+    with pytest.raises(ArtifactError) as caught:
+        await transfers.download(credentials, ref, info, target)
+    assert caught.value.code == "InvalidAccessKeyId"
+    # 4 parts refused side by side, 3 rounds of renewal: one renewal per round, not per part.
+    assert len(fetched) == 3

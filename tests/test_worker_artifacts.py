@@ -159,7 +159,7 @@ async def test_every_upload_carries_sse_kms_with_the_jobs_key(
     assert worker.metrics.value("cpworker_artifact_bytes_total", direction="upload") > 9
 
 
-async def test_a_handler_can_stream_an_input_into_an_output(
+async def test_jobs_stream_inputs_into_outputs_through_one_connection(
     emulator: EmulatorProcess,
     admin: AdminClient,
     cp: ControlPlane,
@@ -167,8 +167,13 @@ async def test_a_handler_can_stream_an_input_into_an_output(
     action_type: m.ActionTypeId,
     tmp_path: Path,
 ) -> None:
-    body = os.urandom(7 * MIB + 3)
-    await admin.put_object(f"tests/{action_type.provider}/blob", body)
+    # Two jobs at once, each streaming its own 12 MiB input into an output, while the
+    # process may move one part at a time over one connection: no job may starve the
+    # other, and every request must be signed with its own job's credentials.
+    bodies = {}
+    for name in ("one", "two"):
+        bodies[name] = os.urandom(12 * MIB + 3)
+        await admin.put_object(f"tests/{action_type.provider}/{name}", bodies[name])
 
     async def copy(job: JobContext) -> Outcome:
         digest = hashlib.sha256()
@@ -178,17 +183,28 @@ async def test_a_handler_can_stream_an_input_into_an_output(
                 await out.write(chunk)
         return Succeeded(digest.hexdigest()[:16])
 
-    [job_id] = await make_jobs(
-        inputArtifacts=[{"name": "Blob", "objectKey": f"tests/{action_type.provider}/blob"}],
-        outputArtifacts=["Copy"],
-    )
-    worker = await _run(_config(emulator, action_type, tmp_path), copy)
+    ids = {}
+    for name in ("one", "two"):
+        [ids[name]] = await make_jobs(
+            inputArtifacts=[{"name": "Blob", "objectKey": f"tests/{action_type.provider}/{name}"}],
+            outputArtifacts=["Copy"],
+        )
+    config = _config(emulator, action_type, tmp_path, transfer_concurrency=1)
+    worker = await _run(config, copy)
 
-    result = await _accepted(admin, job_id)
-    assert result["status"] == "Succeeded"
-    assert result["executionDetails"]["summary"] == hashlib.sha256(body).hexdigest()[:16]
-    assert await _output(emulator, cp, job_id, "Copy") == body
-    assert worker.metrics.value("cpworker_artifact_bytes_total", direction="download") == len(body)
+    uploads = (await admin.s3_log())["uploads"]
+    for name, job_id in ids.items():
+        result = await _accepted(admin, job_id)
+        assert result["status"] == "Succeeded"
+        assert (
+            result["executionDetails"]["summary"] == hashlib.sha256(bodies[name]).hexdigest()[:16]
+        )
+        assert await _output(emulator, cp, job_id, "Copy") == bodies[name]
+        [upload] = [u for u in uploads if u["jobId"] == job_id]  # signed as that job
+        assert upload["operation"] == "CreateMultipartUpload"
+    total = sum(len(b) for b in bodies.values())
+    assert worker.metrics.value("cpworker_artifact_bytes_total", direction="download") == total
+    assert worker.metrics.value("cpworker_artifact_bytes_total", direction="upload") == total
 
 
 async def test_output_format_tar_is_configured_per_action_type(
