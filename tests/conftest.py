@@ -101,17 +101,22 @@ async def cp_no_retry(emulator: EmulatorProcess) -> AsyncIterator[ControlPlane]:
         yield client
 
 
-@pytest.fixture(scope="session")
-def boto(emulator: EmulatorProcess) -> Iterator[Any]:
+def boto_codepipeline(endpoint: str) -> Any:
     """A plain boto3 CodePipeline client (retries off, so every error surfaces)."""
-    client = boto3.client(
+    return boto3.client(
         "codepipeline",
-        endpoint_url=emulator.codepipeline,
+        endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id=TEST_KEY_ID,
         aws_secret_access_key=TEST_SECRET,
         config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
     )
+
+
+@pytest.fixture(scope="session")
+def boto(emulator: EmulatorProcess) -> Iterator[Any]:
+    """A plain boto3 CodePipeline client (retries off, so every error surfaces)."""
+    client = boto_codepipeline(emulator.codepipeline)
     yield client
     client.close()
 

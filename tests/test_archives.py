@@ -32,6 +32,7 @@ from cpworker.archives import (
 )
 from cpworker.errors import ArtifactError, CpWorkerError
 from cpworker.packing import pack
+from tests.trees import make_source, snapshot
 
 LIMITS = UnpackLimits()
 WHAT = "input artifact 'Crafted'"
@@ -101,41 +102,6 @@ def _target(tmp_path: Path) -> Path:
 
 def _listing(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
-
-
-def _snapshot(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
-    """Every path under `root`: (kind, permission bits, content or link text)."""
-    tree: dict[str, tuple[str, int, bytes | str]] = {}
-    for top, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(top, name)
-            st = path.lstat()
-            relative = path.relative_to(root).as_posix()
-            if stat.S_ISLNK(st.st_mode):
-                tree[relative] = ("link", 0, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                tree[relative] = ("dir", stat.S_IMODE(st.st_mode), "")
-            else:
-                tree[relative] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
-    return tree
-
-
-def _make_source(root: Path) -> None:
-    """An output folder: nested folders, an executable, a private file, inner symlinks."""
-    for folder in ("bin", "conf", "deep/er/est", "empty"):
-        (root / folder).mkdir(parents=True)
-    for name, text, mode in (
-        ("bin/run.sh", "#!/bin/sh\necho built\n", 0o755),
-        ("conf/private.key", "not really a key\n", 0o600),
-        ("deep/er/est/data.txt", "x" * 50_000, 0o644),
-        ("README", "top level\n", 0o644),
-    ):
-        (root / name).write_text(text)
-        (root / name).chmod(mode)
-    for folder, mode in (("bin", 0o755), ("conf", 0o750), ("deep", 0o755), ("empty", 0o700)):
-        (root / folder).chmod(mode)
-    (root / "latest").symlink_to("bin/run.sh")
-    (root / "deep/er/conf").symlink_to("../../conf")  # a symlinked folder: not followed
 
 
 def _refused(
@@ -396,7 +362,7 @@ def test_modes_are_kept_and_the_owner_keeps_access(tmp_path: Path, fmt: Format) 
         expected |= {"plain.txt": 0o644, "windir": 0o755}
     target = _target(tmp_path)
     unpack(_write(tmp_path, _archive(fmt, entries)), target, LIMITS, WHAT)
-    tree = _snapshot(target)
+    tree = snapshot(target)
     assert {name: mode for name, (_, mode, _) in tree.items()} == expected
     assert tree["bin/run.sh"] == ("file", 0o755, b"#!/bin/sh\n")
 
@@ -557,7 +523,7 @@ def test_pack_then_unpack_keeps_folders_modes_and_inner_symlinks(
 ) -> None:
     source = tmp_path / "out"
     source.mkdir()
-    _make_source(source)
+    make_source(source)
     archive = tmp_path / "archive.part"
     archive.write_bytes(b"left over from before " * 1000)  # overwritten
     size = pack(source, archive, fmt, "output artifact 'Out'")
@@ -567,8 +533,8 @@ def test_pack_then_unpack_keeps_folders_modes_and_inner_symlinks(
     target = _target(tmp_path)
     result = unpack(archive, target, LIMITS, WHAT)
     assert result == Unpacked(format=fmt, files=12, bytes=50_000 + 21 + 17 + 10)
-    tree = _snapshot(target)
-    assert tree == _snapshot(source)
+    tree = snapshot(target)
+    assert tree == snapshot(source)
     assert tree["bin/run.sh"] == ("file", 0o755, b"#!/bin/sh\necho built\n")
     assert tree["conf"] == ("dir", 0o750, "")
     assert tree["conf/private.key"][:2] == ("file", 0o600)
@@ -692,12 +658,12 @@ async def test_pack_in_a_worker_thread_stops_when_cancelled(tmp_path: Path) -> N
 async def test_unpack_and_pack_run_in_worker_threads(tmp_path: Path) -> None:
     source = tmp_path / "out"
     source.mkdir()
-    _make_source(source)
+    make_source(source)
     archive = tmp_path / "a.tar.gz"
     await anyio.to_thread.run_sync(pack, source, archive, "tar.gz", "output")
     target = _target(tmp_path)
     await anyio.to_thread.run_sync(unpack, archive, target, LIMITS, WHAT)
-    assert _snapshot(target) == _snapshot(source)
+    assert snapshot(target) == snapshot(source)
 
 
 @pytest.mark.parametrize(

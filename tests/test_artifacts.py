@@ -32,6 +32,7 @@ from cpworker.errors import ArtifactError, CpWorkerError
 from cpworker.s3 import JobCredentials, ObjectRef, S3Settings, SharedS3
 from cpworker.transfers import Transfers, TransferSettings
 from tests.conftest import plain_s3
+from tests.trees import make_source, snapshot
 
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 LIMITS = UnpackLimits()
@@ -150,42 +151,6 @@ def _listing(directory: Path) -> list[str]:
     return sorted(os.listdir(directory)) if directory.exists() else []
 
 
-def _snapshot(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
-    """Every path under `root`: (kind, permission bits, content or link text)."""
-    tree: dict[str, tuple[str, int, bytes | str]] = {}
-    for top, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(top, name)
-            st = path.lstat()
-            relative = path.relative_to(root).as_posix()
-            if stat.S_ISLNK(st.st_mode):
-                tree[relative] = ("link", 0, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                tree[relative] = ("dir", stat.S_IMODE(st.st_mode), "")
-            else:
-                tree[relative] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
-    return tree
-
-
-def _make_source(root: Path) -> None:
-    """An output folder: nested folders, an executable, a private file, inner symlinks."""
-    for folder, mode in (("bin", 0o755), ("conf", 0o750), ("deep/er/est", 0o755), ("empty", 0o755)):
-        (root / folder).mkdir(parents=True)
-        (root / folder).chmod(mode)
-    for folder in ("deep", "deep/er"):
-        (root / folder).chmod(0o755)
-    for name, text, mode in (
-        ("bin/run.sh", "#!/bin/sh\necho built\n", 0o755),
-        ("conf/private.key", "not really a key\n", 0o600),
-        ("deep/er/est/data.txt", "x" * 50_000, 0o644),
-        ("README", "top level\n", 0o644),
-    ):
-        (root / name).write_text(text)
-        (root / name).chmod(mode)
-    (root / "latest").symlink_to("bin/run.sh")
-    (root / "deep/er/conf").symlink_to("../../conf")
-
-
 def _assert_no_secrets(exc: BaseException, secrets: list[str]) -> None:
     texts = [str(exc), repr(exc), "".join(traceback.format_exception(exc))]
     chained: BaseException | None = exc
@@ -215,7 +180,7 @@ async def test_upload_then_download_round_trip_with_the_jobs_kms_key(
 ) -> None:
     source = tmp_path / "out"
     source.mkdir()
-    _make_source(source)
+    make_source(source)
     before = _listing(tmp_path)
     [output] = job.data.output_artifacts
     size = await s3.upload(output, source)
@@ -228,7 +193,7 @@ async def test_upload_then_download_round_trip_with_the_jobs_kms_key(
     assert KEY_ARN in head["SSEKMSKeyId"]
 
     back = await s3.download(output, tmp_path / "back")
-    assert _snapshot(back) == _snapshot(source)
+    assert snapshot(back) == snapshot(source)
     assert (back / "latest").read_text() == "#!/bin/sh\necho built\n"
 
 
@@ -415,13 +380,13 @@ async def test_a_tar_input_is_unpacked_and_the_output_follows_its_format(
 ) -> None:
     source = tmp_path / "made"
     source.mkdir()
-    _make_source(source)
+    make_source(source)
     packed = tmp_path / "made.archive"
     packing.pack(source, packed, fmt, "test")  # type: ignore[arg-type]
     artifact = await _put_zip(s3.raw, job, packed.read_bytes())
     artifacts = s3.artifacts(output_format="input")
     unpacked = await artifacts.download(artifact, tmp_path / "in")
-    assert _snapshot(unpacked) == _snapshot(source)
+    assert snapshot(unpacked) == snapshot(source)
     [output] = job.data.output_artifacts
     await artifacts.upload(output, unpacked)
     stored = tmp_path / "stored"

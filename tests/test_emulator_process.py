@@ -27,7 +27,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from cpworker.emulator.client import AdminClient, EmulatorProcess
-from tests.conftest import TEST_KEY_ID, TEST_SECRET, wait_for
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, boto_codepipeline, wait_for
 
 EMULATOR = [sys.executable, "-m", "cpworker", "emulator"]
 STARTUP_TIMEOUT_S = 60.0
@@ -84,17 +84,6 @@ def _port(url: str) -> int:
     port = urlsplit(url).port
     assert port is not None
     return port
-
-
-def _boto(endpoint: str) -> Any:
-    return boto3.client(
-        "codepipeline",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=TEST_KEY_ID,
-        aws_secret_access_key=TEST_SECRET,
-        config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
-    )
 
 
 async def _check_dispatch_timeout(endpoints: dict[str, str], boto: Any) -> None:
@@ -164,7 +153,7 @@ async def _stop_with(started: Started, signum: signal.Signals) -> None:
 async def test_prints_its_endpoints_serves_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     async with emulator_process(tmp_path, "--dispatch-timeout-s", "0.3") as started:
         _check_endpoints(started.endpoints)
-        boto = _boto(started.endpoints["codepipeline"])
+        boto = boto_codepipeline(started.endpoints["codepipeline"])
         try:
             unknown = dict(ACTION_TYPE, provider="NeverRegistered")
             with pytest.raises(boto.exceptions.ActionTypeNotFoundException):

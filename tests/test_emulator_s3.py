@@ -17,16 +17,14 @@ from typing import Any
 
 import aiohttp
 import anyio
-import boto3
 import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from cpworker import models as m
 from cpworker.emulator.client import AdminClient, EmulatorError, EmulatorProcess
-from tests.conftest import TEST_KEY_ID, TEST_SECRET, JobFactory, wait_for
+from tests.conftest import JobFactory, boto_codepipeline, wait_for
 
 BUCKET = "codepipeline-us-east-1-emulator"
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -51,17 +49,6 @@ async def job_s3(
         config=config,
     ) as client:
         yield client
-
-
-def codepipeline(endpoint: str) -> Any:
-    return boto3.client(
-        "codepipeline",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=TEST_KEY_ID,
-        aws_secret_access_key=TEST_SECRET,
-        config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
-    )
 
 
 async def poll(boto: Any, action_type: m.ActionTypeId, n: int = 1) -> list[dict[str, Any]]:
@@ -187,7 +174,7 @@ async def test_global_ttl_flag_and_fresh_credentials_at_dispatch(
         category="Test", owner="Custom", provider=f"Probe{uuid.uuid4().hex[:12]}", version="1"
     )
     async with EmulatorProcess.start(["--credential-ttl-s", "1"]) as emulator:
-        boto = codepipeline(emulator.codepipeline)
+        boto = boto_codepipeline(emulator.codepipeline)
         try:
             spec = {"inputArtifacts": [SOURCE]}
             await emulator.admin.create_jobs({"actionTypeId": m.to_builtins(action_type), **spec})
