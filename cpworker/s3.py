@@ -327,7 +327,7 @@ class SharedS3:
     ) -> dict[str, Any]:
         """One S3 operation (a client method name), renewing refused credentials and resending.
 
-        A body in `params` must be a seekable file object: it is rewound before a resend.
+        A body in `params` is bytes or a seekable file object (rewound before a resend).
         """
         method = getattr(self._client, operation)
         for attempt in range(_RENEWALS_PER_REQUEST + 1):
@@ -343,7 +343,8 @@ class SharedS3:
                 if exc.code not in RENEW_ON or attempt >= limit:
                     raise
             await _guarded(ref, verb, credentials.renew(used))
-            if (body := params.get("Body")) is not None:
+            body: Any = params.get("Body")
+            if hasattr(body, "seek"):
                 body.seek(0)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -379,7 +380,7 @@ class SharedS3:
         self,
         credentials: JobCredentials,
         ref: ObjectRef,
-        body: IO[bytes] | io.RawIOBase,
+        body: bytes | IO[bytes] | io.RawIOBase,
         *,
         kms_key_id: str,
         checksum_sha256: str,
@@ -419,7 +420,7 @@ class SharedS3:
         ref: ObjectRef,
         upload_id: str,
         number: int,
-        body: IO[bytes] | io.RawIOBase,
+        body: bytes | IO[bytes] | io.RawIOBase,
         *,
         length: int,
         checksum_crc32: str,

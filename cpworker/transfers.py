@@ -264,7 +264,7 @@ class Transfers:
         """One part from memory (for `ArtifactWriter`, which holds the budget for it)."""
         crc = _b64_crc32(await anyio.to_thread.run_sync(zlib.crc32, data))
         entry = await self.s3.upload_part(
-            credentials, ref, upload_id, number, io.BytesIO(data),
+            credentials, ref, upload_id, number, _BytesBody(data),
             length=len(data), checksum_crc32=crc,
         )  # fmt: skip
         parts.append(entry)
@@ -475,7 +475,7 @@ class ArtifactWriter:
         digest = await anyio.to_thread.run_sync(_sha256_bytes, data)
         async with self._transfers.budget:
             await self._transfers.s3.put_file(
-                self._credentials, self._ref, io.BytesIO(data),
+                self._credentials, self._ref, data,
                 kms_key_id=self._kms_key_id, checksum_sha256=digest,
             )  # fmt: skip
         self._transfers.on_bytes("upload", len(data))
@@ -539,6 +539,41 @@ class _FileSlice(io.RawIOBase):
     def close(self) -> None:
         self._file.close()
         super().close()
+
+
+class _BytesBody(io.RawIOBase):
+    """A part in memory as a seekable file: aiohttp then sends it 256 KiB at a time.
+
+    Handed over as `bytes`, the whole part would be copied into the socket transport's
+    buffer as well (and `io.BytesIO` copies it when aiohttp asks for its size).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._view, self._pos = memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        memoryview(buffer)[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("bytes in memory have no file descriptor")
 
 
 def _open_for_writing(path: Path, ref: ObjectRef) -> Any:
