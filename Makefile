@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak bench-emulator bench-shutdown clean
+.PHONY: demo test soak bench-emulator bench-shutdown bench-artifacts bench-s3-client clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench-emulator: $(STAMP)
 bench-shutdown: $(STAMP)
 	$(BIN)/python benchmarks/shutdown_drain.py
 	$(BIN)/python benchmarks/shutdown_drain.py --sleep-s 3 --grace-s 30
+
+bench-artifacts: $(STAMP)
+	$(BIN)/python benchmarks/artifact_transfer.py
+
+bench-s3-client: $(STAMP)
+	$(BIN)/python benchmarks/s3_client_cost.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
