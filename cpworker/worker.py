@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import tempfile
 from collections.abc import Mapping
@@ -81,6 +82,7 @@ class Worker:
         self.pollers: list[Poller] = []
         self.stopping = anyio.Event()
         self._stop_now = anyio.Event()
+        self._asked = anyio.Event()  # stop() was called: running jobs get the grace
         self._jobs_done = anyio.Event()
         self._set_state("starting")
         capacity = min(sum(p.capacity for p in self.pools.values()), config.max_concurrency)
@@ -90,8 +92,15 @@ class Worker:
 
     def stop(self) -> None:
         """Stop polling and drain; called twice, cancel running jobs without the grace."""
-        if self.stopping.is_set():
+        if self._asked.is_set():
             self._stop_now.set()
+            return
+        self._asked.set()
+        self._stop_polling()
+
+    def _stop_polling(self) -> None:
+        """Stop polling (asked to, or the job budget is spent, or burst found nothing)."""
+        if self.stopping.is_set():
             return
         self._set_state("draining")
         self.stopping.set()
@@ -139,22 +148,18 @@ class Worker:
                 self._set_state("ready")
                 task_status.started()
             # Every poll loop has returned: stopping (or the job budget is spent).
-            if not self.stopping.is_set():
-                self.stop()
+            self._stop_polling()
             await self._drain(jobs.cancel_scope)
 
     async def _drain(self, jobs: anyio.CancelScope) -> None:
-        """Let running jobs finish within the grace period, then cancel them."""
+        """Let running jobs finish; once stop() is called, within the grace period only.
+
+        Stopped by `max_jobs` or `burst` rather than asked to, jobs run to their end.
+        """
         self._check_done()  # nothing may be running any more
+        await _first_of(self._jobs_done, self._asked)
         with anyio.move_on_after(self.config.shutdown_grace_s):
-            async with anyio.create_task_group() as race:
-
-                async def first(event: anyio.Event) -> None:
-                    await event.wait()
-                    race.cancel_scope.cancel()
-
-                race.start_soon(first, self._jobs_done)
-                race.start_soon(first, self._stop_now)
+            await _first_of(self._jobs_done, self._stop_now)
         if self.in_flight:
             log.warning(
                 "cancelling %d running jobs; they are reported as failed",
@@ -171,9 +176,9 @@ class Worker:
                 self._jobs_done.set()
         elif self.burst and idle and self.pollers and all(p.last_poll_empty for p in self.pollers):
             log.info("burst: every queue is empty and nothing runs", extra={"event": "burst_done"})
-            self.stop()
+            self._stop_polling()
         elif self.budget.spent and idle:
-            self.stop()
+            self._stop_polling()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -214,7 +219,7 @@ class Worker:
 
     async def _runners(self, cp: ControlPlane, s3: SharedS3) -> dict[str, JobRunner]:
         secret_properties = await self._discover(cp)
-        work_root = Path(self.config.work_dir or tempfile.gettempdir())
+        work_root = _work_root(self.config.work_dir)
         artifacts = self._artifact_settings()
         settings = RunnerSettings(
             result_deadline_s=self.config.result_deadline_s,
@@ -321,6 +326,33 @@ class ClientTokens:
                 'e.g. {"<client id>": "<token>"}'
             )
         self._tokens, self._read_at = loaded, mtime
+
+
+def _work_root(work_dir: str | None) -> Path:
+    """The directory jobs' temp directories go in: created if missing, writable."""
+    root = Path(work_dir or tempfile.gettempdir())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"work_dir = {work_dir!r}: cannot create it ({exc.strerror}); point work_dir at "
+            "a directory the worker may write to"
+        ) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"work_dir = {work_dir!r}: the worker may not write there")
+    return root
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Wait until one of `events` is set."""
+    async with anyio.create_task_group() as race:
+
+        async def first(event: anyio.Event) -> None:
+            await event.wait()
+            race.cancel_scope.cancel()
+
+        for event in events:
+            race.start_soon(first, event)
 
 
 def _mib(value: float) -> int:

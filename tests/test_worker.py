@@ -444,6 +444,48 @@ async def test_max_jobs_stops_after_n_jobs(
     assert worker.state == "stopped"
 
 
+async def test_max_jobs_lets_the_last_jobs_run_past_the_shutdown_grace(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+) -> None:
+    # Not asked to stop: the budget ends polling, not the jobs (the grace is for signals).
+    ids = await make_jobs(2, shareCredentials=True)
+    table = action_table(action_type, "sleep", slots=2, handler_options={"seconds": 0.5})
+    config = worker_config(emulator, {"a": table}, shutdown_grace_s=0.05)
+    worker = Worker(config, session=aio_session(), max_jobs=2)
+    with anyio.fail_after(30):
+        await worker.run()
+    statuses = Counter(h["status"] for h in await histories(admin, ids))
+    assert statuses == Counter({"Succeeded": 2})
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+async def test_work_dir_is_created_or_refused_at_start(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    work = tmp_path / "deep" / "work"
+    if kind == "a file":
+        work.parent.mkdir()
+        work.write_text("not a directory")
+    [job_id] = await make_jobs()
+    config = worker_config(emulator, {"a": action_table(action_type, "echo")}, work_dir=str(work))
+    if kind == "missing":
+        await run_burst(config)
+        assert work.is_dir()
+        assert (await admin.job(job_id))["status"] == "Succeeded"
+    else:
+        with pytest.raises(ConfigError, match=r"work_dir = .*work.*: cannot create it"):
+            await run_burst(config)
+        assert (await admin.job(job_id))["status"] == "Queued"  # nothing was taken
+
+
 async def test_an_unregistered_action_type_stops_the_worker_at_start(
     emulator: EmulatorProcess, action_type: m.ActionTypeId
 ) -> None:
