@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -121,6 +122,49 @@ async def test_an_upload_outliving_three_credential_lifetimes_completes(
     else:
         assert refused == 0
     assert worker.metrics.value("cpworker_credential_renewal_failures_total") == 0
+
+
+async def test_a_third_party_job_renews_through_get_third_party_job_details(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    third_party_action_type: m.ActionTypeId,
+    tmp_path: Path,
+) -> None:
+    answer = await admin.create_jobs(
+        {
+            "actionTypeId": m.to_builtins(third_party_action_type),
+            "thirdParty": True,
+            "clientId": "client-1",
+            "clientToken": "partner-token-1",
+            "outputArtifacts": ["Out"],
+            "credentialTtlS": 0.5,
+        }
+    )
+    [job_id] = answer["jobIds"]
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"client-1": "partner-token-1"}))
+
+    async def deploy(job: JobContext) -> Outcome:
+        await anyio.sleep(0.7)  # the deployment outlasts the credentials
+        async with job.outputs["Out"].writer() as out:
+            await out.write(b"deployed")
+        return Succeeded("deployed")
+
+    async def details_calls() -> int:
+        counts = (await admin.stats())["requests"].get("GetThirdPartyJobDetails", {})
+        return sum(counts.values())
+
+    refused_before = (await admin.s3_log())["refused"].get("ExpiredToken", 0)
+    calls_before = await details_calls()
+    table = {"client_tokens_file": str(tokens)}
+    config = _config(emulator, third_party_action_type, tmp_path, table)
+    worker = await _run(config, deploy)
+
+    assert (await admin.job(job_id))["status"] == "Succeeded"
+    assert (await admin.s3_log())["refused"].get("ExpiredToken", 0) > refused_before
+    assert worker.metrics.value("cpworker_credential_renewals_total", reason="refused") >= 1
+    # Once for the job's details before it was acknowledged, then for the renewal.
+    assert await details_calls() >= calls_before + 2
 
 
 # --- uploads: SSE-KMS, formats, streams -----------------------------------------------
