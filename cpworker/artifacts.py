@@ -6,10 +6,11 @@
   budget before a byte is fetched; then downloads it (`cpworker.transfers`) into a private
   temp file beside its target directory (mode 0700) and unpacks it there off the event
   loop (`cpworker.archives`: zip, tar or tar.gz by content, with the unpack limits).
-- `upload` packs a directory off the event loop (`cpworker.packing`) into a temp file
-  beside it (zip, tar or tar.gz as configured; `input`: the format of the first input
-  the job unpacked) and uploads it with SSE-KMS: the job's encryption key, else the
-  AWS-managed `aws/s3` key.
+- `upload` packs a directory off the event loop (`cpworker.packing`) into a temp file in
+  the job's work directory (zip, tar or tar.gz as configured; `input`: the format of the
+  first input the job unpacked) and uploads it with SSE-KMS (the job's encryption key,
+  else the AWS-managed `aws/s3` key) while it is packed: each part as soon as its bytes
+  are final.
 - `stream` and `writer` move an artifact's bytes as they are, without touching disk.
 
 Temp files and failed targets are removed whatever happens, also on cancellation; every
@@ -24,6 +25,7 @@ the work directory's file system when it starts (nothing is counted).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -37,9 +39,9 @@ import msgspec
 from cpworker import archives, models, packing
 from cpworker.archives import Format, UnpackLimits
 from cpworker.context import ArtifactIO
-from cpworker.errors import ArtifactError, CpWorkerError
+from cpworker.errors import ArtifactError, CpWorkerError, first_exception
 from cpworker.s3 import DEFAULT_KMS_KEY, JobCredentials, ObjectRef
-from cpworker.transfers import MIB, ArtifactWriter, Transfers, TransferSettings
+from cpworker.transfers import MIB, ArtifactWriter, GrowingFile, Transfers, TransferSettings
 
 __all__ = ["ArtifactSettings", "DiskBudget", "JobArtifacts", "UnpackLimits"]
 
@@ -170,14 +172,25 @@ class JobArtifacts(ArtifactIO):
                 f"{ref}: {source} does not exist or is not a directory; the handler must write "
                 "the artifact's files into that directory before it returns"
             )
-        archive = _temp_file(self.temp_dir or source.parent, ".pack", ref)
+        archive = GrowingFile(_temp_file(self.temp_dir or source.parent, ".pack", ref))
+
+        async def pack() -> None:
+            run = functools.partial(packing.pack, progress=archive)
+            fmt = self._format()
+            archive.finish(await anyio.to_thread.run_sync(run, source, archive.path, fmt, str(ref)))
+
         try:
-            await anyio.to_thread.run_sync(packing.pack, source, archive, self._format(), str(ref))
-            return await self._transfers.upload(
-                credentials, ref, archive, kms_key_id=self._kms_key_id(), job_limit=self._job_limit
-            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pack)
+                return await self._transfers.upload(
+                    credentials, ref, archive, kms_key_id=self._kms_key_id(),
+                    job_limit=self._job_limit,
+                )  # fmt: skip
+        except ExceptionGroup as group:  # only plain exceptions: cancellation passes through
+            failure = first_exception(group)
         finally:
-            archive.unlink(missing_ok=True)  # synchronous on purpose, see _temp_file
+            archive.path.unlink(missing_ok=True)  # synchronous on purpose, see _temp_file
+        raise failure  # out here, it is not chained to the group
 
     async def stream(
         self, artifact: models.Artifact, chunk_size: int = MIB

@@ -15,8 +15,10 @@ uploads from files, never by artifact size. Streams hold one part each in memory
   from where it stopped (twice at most). The file must end up exactly the object's size.
 - **Upload**: files up to `multipart_threshold` in one PutObject with a SHA-256 checksum;
   larger ones by multipart upload with a CRC32 checksum per part (computed off the event
-  loop; S3 checks it). A failed or cancelled multipart upload is aborted, so no parts are
-  left behind, and the error is raised.
+  loop; S3 checks it). Parts are `part_size` (at least 5 MiB), doubled after every 1,000
+  parts, so no total size has to be known in advance. A `GrowingFile` (an archive still
+  being packed) is uploaded part by part as its bytes become final. A failed or cancelled
+  multipart upload is aborted, so no parts are left behind, and the error is raised.
 
 Every request is signed with the job's `JobCredentials` and renewed as `cpworker.s3`
 describes.
@@ -28,8 +30,8 @@ import base64
 import hashlib
 import io
 import logging
-import math
 import os
+import threading
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -43,13 +45,14 @@ import msgspec
 from cpworker.errors import ArtifactError, CpWorkerError, first_exception
 from cpworker.s3 import TRANSPORT_CODE, JobCredentials, ObjectInfo, ObjectRef, SharedS3
 
-__all__ = ["MIB", "ArtifactWriter", "TransferSettings", "Transfers"]
+__all__ = ["MIB", "ArtifactWriter", "GrowingFile", "TransferSettings", "Transfers"]
 
 log = logging.getLogger("cpworker.transfers")
 
 MIB: Final = 1024 * 1024
 # S3's limits on multipart uploads.
 MIN_UPLOAD_PART: Final = 5 * MIB
+MAX_UPLOAD_PART: Final = 5 * 1024 * MIB
 MAX_PARTS: Final = 10_000
 _WRITE_BUFFER = MIB
 _READ_ATTEMPTS = 3
@@ -69,9 +72,11 @@ class TransferSettings(msgspec.Struct, frozen=True, kw_only=True):
             if getattr(self, name) < 1:
                 raise CpWorkerError(f"{name}={getattr(self, name)!r}: must be 1 or more")
 
-    def upload_part_size(self, size: int) -> int:
-        """At least S3's minimum part size, and large enough for at most 10,000 parts."""
-        return max(self.part_size, MIN_UPLOAD_PART, math.ceil(size / MAX_PARTS))
+    def part_length(self, number: int) -> int:
+        """Upload part `number`'s size: `part_size` (at least S3's 5 MiB), doubled after
+        every 1,000 parts (S3 takes parts of different sizes), so that the 10,000 parts S3
+        allows hold about 5 TiB, its largest object, whatever the total turns out to be."""
+        return min(max(self.part_size, MIN_UPLOAD_PART) << (number - 1) // 1000, MAX_UPLOAD_PART)
 
 
 class Transfers:
@@ -204,33 +209,69 @@ class Transfers:
         self,
         credentials: JobCredentials,
         ref: ObjectRef,
-        path: Path,
+        source: Path | GrowingFile,
         *,
         kms_key_id: str,
         job_limit: anyio.CapacityLimiter | None = None,
     ) -> int:
-        """Upload the file at `path` with SSE-KMS under `kms_key_id`; returns its size."""
-        size = (await anyio.Path(path).stat()).st_size
-        if size <= self.settings.multipart_threshold:
-            digest = await anyio.to_thread.run_sync(_sha256, path)
+        """Upload a file with SSE-KMS under `kms_key_id`; returns its size.
+
+        `source` is a complete file, or a `GrowingFile` still being written: its parts are
+        uploaded as they become final, and the upload completes once it is finished.
+        """
+        if isinstance(source, GrowingFile):
+            file = source
+        else:
+            file = GrowingFile(source, size=(await anyio.Path(source).stat()).st_size)
+        threshold = self.settings.multipart_threshold
+        while file.size is None and file.written() <= threshold:
+            await file.changed()
+        if file.size is not None and file.size <= threshold:
+            digest = await anyio.to_thread.run_sync(_sha256, file.path)
             async with self.budget:
-                with path.open("rb") as body:
+                with file.path.open("rb") as body:
                     await self.s3.put_file(
                         credentials, ref, body, kms_key_id=kms_key_id, checksum_sha256=digest
                     )
-            self.on_bytes("upload", size)
-            return size
-        step = self.settings.upload_part_size(size)
-        ranges = [(n + 1, s, min(step, size - s)) for n, s in enumerate(range(0, size, step))]
+            self.on_bytes("upload", file.size)
+            return file.size
         async with self._multipart(credentials, ref, kms_key_id) as (upload_id, parts):
             job_limit = job_limit or self.job_limit()
-            async with anyio.create_task_group() as tg:
-                for number, start, length in ranges:
+            async with (
+                anyio.create_task_group() as tg,
+                aclosing(self._final_parts(file, ref)) as final_parts,
+            ):
+                async for part in final_parts:
                     tg.start_soon(
-                        self._upload_file_part, credentials, ref, upload_id, path,
-                        (number, start, length), job_limit, parts,
+                        self._upload_file_part, credentials, ref, upload_id, file.path, part,
+                        job_limit, parts,
                     )  # fmt: skip
-        return size
+        assert file.size is not None  # _final_parts ends when the file is finished
+        return file.size
+
+    async def _final_parts(
+        self, file: GrowingFile, ref: ObjectRef
+    ) -> AsyncGenerator[tuple[int, int, int], None]:
+        """The file's parts (number, start, length) as each becomes final, until it ends."""
+        cut: list[tuple[int, int, int]] = []  # written, but (partly) held
+        start, number = 0, 1
+        while True:
+            while file.size is None or start < file.size:
+                length = self.settings.part_length(number)
+                if file.size is not None:
+                    length = min(length, file.size - start)
+                elif start + length > file.written():
+                    break
+                if number > MAX_PARTS:
+                    raise _too_many_parts(ref)
+                cut.append((number, start, length))
+                start, number = start + length, number + 1
+            for part in [p for p in cut if file.final(p[1], p[1] + p[2])]:
+                cut.remove(part)
+                yield part
+            if file.size is not None and not cut:
+                return
+            await file.changed()
 
     async def _upload_file_part(
         self,
@@ -258,7 +299,7 @@ class Transfers:
         ref: ObjectRef,
         upload_id: str,
         number: int,
-        data: bytes,
+        data: bytes | bytearray,
         parts: list[dict[str, Any]],
     ) -> None:
         """One part from memory (for `ArtifactWriter`, which holds the budget for it)."""
@@ -327,27 +368,36 @@ class Transfers:
 
     async def _read_range(
         self, credentials: JobCredentials, ref: ObjectRef, info: ObjectInfo, first: int, last: int
-    ) -> bytes:
-        """Bytes `first`..`last` in memory; a broken connection is resumed (twice at most)."""
-        received = bytearray()
+    ) -> bytearray:
+        """Bytes `first`..`last` in memory; a broken connection is resumed (twice at most).
+
+        Filled in place, so the part is in memory once (growing a buffer and copying it
+        out would hold it three times over at the peak).
+        """
+        received = bytearray(last - first + 1)
+        filled = 0
         async with self.budget:
             for attempt in range(_READ_ATTEMPTS):
-                start = first + len(received)
-                chunks = self.s3.iter_range(credentials, ref, start, last, info.etag)
+                chunks = self.s3.iter_range(credentials, ref, first + filled, last, info.etag)
                 try:
                     async with aclosing(chunks) as stream:
                         async for chunk in stream:
-                            received += chunk
+                            if filled + len(chunk) > len(received):
+                                filled += len(chunk)
+                                break
+                            received[filled : filled + len(chunk)] = chunk
+                            filled += len(chunk)
                             self.on_bytes("download", len(chunk))
                     break
                 except ArtifactError as exc:
                     if exc.code != TRANSPORT_CODE or attempt == _READ_ATTEMPTS - 1:
                         raise
-        if len(received) != last - first + 1:
+        if filled != len(received):
             raise ArtifactError(
-                f"{ref}: S3 sent {len(received)} bytes for bytes {first}-{last}; retry the job"
+                f"{ref}: S3 sent {'more than ' if filled > len(received) else ''}{filled} "
+                f"bytes for bytes {first}-{last}; retry the job"
             )
-        return bytes(received)
+        return received
 
     @asynccontextmanager
     async def writer(
@@ -376,6 +426,74 @@ class Transfers:
             writer._closed = True
 
 
+class GrowingFile:
+    """A file that is uploaded while a worker thread still writes it (`packing.pack`).
+
+    The writing thread says how far the file is written (`grew`) and which bytes it will
+    write again (`hold`/`release`: a zip entry's header); the event loop is woken once per
+    MiB written. `finish(size)`, on the event loop, says the file is complete. A file
+    that is complete from the start is `GrowingFile(path, size=...)`.
+    """
+
+    def __init__(self, path: Path, size: int | None = None) -> None:
+        self.path = path
+        self.size = size  # None until it is finished
+        self._lock = threading.Lock()
+        self._end = size or 0
+        self._held: tuple[int, int | None] | None = None
+        self._woken_at = 0
+        self._changed = anyio.Event()
+
+    # --- called by the writing thread (an anyio worker thread) --------------------------
+
+    def grew(self, end: int) -> None:
+        with self._lock:
+            self._end = max(self._end, end)
+            wake = self._end - self._woken_at >= MIB
+            if wake:
+                self._woken_at = self._end
+        if wake:
+            anyio.from_thread.run_sync(self._wake)
+
+    def hold(self, start: int, stop: int | None = None) -> None:
+        with self._lock:
+            self._held = (start, stop)
+
+    def release(self) -> None:
+        with self._lock:
+            self._held = None
+
+    # --- called on the event loop ------------------------------------------------------
+
+    def finish(self, size: int) -> None:
+        """The file is complete: `size` bytes, all final."""
+        with self._lock:
+            self.size, self._end, self._held = size, size, None
+        self._wake()
+
+    def written(self) -> int:
+        with self._lock:
+            return self._end
+
+    def final(self, start: int, stop: int) -> bool:
+        """Whether bytes `start`..`stop` are written and not held."""
+        with self._lock:
+            if stop > self._end:
+                return False
+            if self._held is None:
+                return True
+            held_start, held_stop = self._held
+            return stop <= held_start or (held_stop is not None and start >= held_stop)
+
+    async def changed(self) -> None:
+        """Until the file grows by a MiB or is finished."""
+        await self._changed.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+
 class ArtifactWriter:
     """Bytes written by a handler, uploaded in parts while it writes (see `Transfers.writer`).
 
@@ -400,7 +518,7 @@ class ArtifactWriter:
         self._ref = ref
         self._kms_key_id = kms_key_id
         self._job_limit = job_limit
-        self._part_size = transfers.settings.upload_part_size(0)
+        self._part_size = transfers.settings.part_length(1)
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
@@ -432,10 +550,7 @@ class ArtifactWriter:
 
     async def _start_part(self) -> None:
         if self._next_part > MAX_PARTS:
-            raise ArtifactError(
-                f"{self._ref}: more than {MAX_PARTS} parts of {self._part_size} bytes (S3's "
-                "limit); raise transfer_part_size_mib"
-            )
+            raise _too_many_parts(self._ref)
         if self._upload_id is None:
             self._upload_id = await self._transfers.s3.create_multipart(
                 self._credentials, self._ref, kms_key_id=self._kms_key_id
@@ -447,11 +562,14 @@ class ArtifactWriter:
         except BaseException:
             self._job_limit.release_on_behalf_of(token)
             raise
-        data, self._buffer = bytes(self._buffer), bytearray()
+        data, self._buffer = self._buffer, bytearray()  # handed over, not copied
         number, self._next_part = self._next_part, self._next_part + 1
+        self._part_size = self._transfers.settings.part_length(self._next_part)
         self._task_group.start_soon(self._upload_part, self._upload_id, number, data, token)
 
-    async def _upload_part(self, upload_id: str, number: int, data: bytes, token: object) -> None:
+    async def _upload_part(
+        self, upload_id: str, number: int, data: bytearray, token: object
+    ) -> None:
         try:
             await self._transfers.upload_bytes_part(
                 self._credentials, self._ref, upload_id, number, data, self._parts
@@ -548,7 +666,7 @@ class _BytesBody(io.RawIOBase):
     buffer as well (and `io.BytesIO` copies it when aiohttp asks for its size).
     """
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         super().__init__()
         self._view, self._pos = memoryview(data), 0
 
@@ -574,6 +692,13 @@ class _BytesBody(io.RawIOBase):
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("bytes in memory have no file descriptor")
+
+
+def _too_many_parts(ref: ObjectRef) -> ArtifactError:
+    return ArtifactError(
+        f"{ref}: more than {MAX_PARTS} parts, S3's limit (about 5 TiB); raise "
+        "transfer_part_size_mib or split the artifact"
+    )
 
 
 def _open_for_writing(path: Path, ref: ObjectRef) -> Any:

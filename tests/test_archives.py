@@ -679,3 +679,86 @@ async def test_unpack_and_pack_run_in_worker_threads(tmp_path: Path) -> None:
 def test_limits_are_checked(fields: dict[str, float], field: str) -> None:
     with pytest.raises(CpWorkerError, match=f"^{field}="):
         UnpackLimits(**fields)  # type: ignore[arg-type]
+
+
+class Watcher:
+    """A `PackProgress` that, whenever it hears of progress, keeps every byte it was told
+    is final (written and not held), to compare with what the archive ends up as."""
+
+    def __init__(self, archive: Path) -> None:
+        self.archive = archive
+        self.end = 0
+        self.held: tuple[int, int | None] | None = None
+        self.seen: list[tuple[int, bytes]] = []  # (offset, bytes final at that moment)
+        self.holds = self.releases = 0
+
+    def _keep(self) -> None:
+        data = self.archive.read_bytes()[: self.end]
+        if self.held is None:
+            self.seen.append((0, data))
+            return
+        start, stop = self.held
+        self.seen.append((0, data[:start]))
+        if stop is not None:
+            self.seen.append((stop, data[stop:]))
+
+    def grew(self, end: int) -> None:
+        assert end > self.end  # only ever more
+        self.end = end
+        self._keep()
+
+    def hold(self, start: int, stop: int | None = None) -> None:
+        self._keep()  # what was final just before
+        self.held = (start, stop)
+        self.holds += 1
+
+    def release(self) -> None:
+        self.held = None
+        self.releases += 1
+        self._keep()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pack_reports_only_bytes_that_stay_as_they_are(tmp_path: Path, fmt: Format) -> None:
+    """What packing calls final is never written again: zip headers are held until their
+    entry is complete (then zipfile writes them again with the size and CRC)."""
+    source = tmp_path / "out"
+    source.mkdir()
+    make_source(source)
+    (source / "big.bin").write_bytes(os.urandom(3 << 20))
+    (source / "text.txt").write_bytes(b"some text\n" * 300_000)
+    archive = tmp_path / "archive"
+    watcher = Watcher(archive)
+    size = pack(source, archive, fmt, "output", watcher)
+    final = archive.read_bytes()
+    assert watcher.end == size == len(final)
+    assert len(watcher.seen) > 3  # told of progress as it went, not only at the end
+    for offset, data in watcher.seen:
+        assert final[offset : offset + len(data)] == data
+    if fmt == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            entries = len(zf.infolist())
+        assert watcher.holds >= entries == watcher.releases  # each entry held, then released
+        # A file's data is final as it is written; only its header waits for the entry.
+        assert any(offset > 0 for offset, _ in watcher.seen)
+    else:
+        assert watcher.holds == 0  # tar and tar.gz are written front to back
+
+
+def test_zip_stores_files_that_do_not_compress(tmp_path: Path) -> None:
+    source = tmp_path / "out"
+    source.mkdir()
+    (source / "random.bin").write_bytes(os.urandom(1 << 20))
+    (source / "small-random.bin").write_bytes(os.urandom(1000))  # too small to judge
+    (source / "text.txt").write_bytes(b"compresses well\n" * 100_000)
+    archive = tmp_path / "a.zip"
+    pack(source, archive, "zip", "output")
+    with zipfile.ZipFile(archive) as zf:
+        methods = {info.filename: info.compress_type for info in zf.infolist()}
+        assert zf.testzip() is None  # every CRC checks
+    assert methods == {
+        "random.bin": zipfile.ZIP_STORED,
+        "small-random.bin": zipfile.ZIP_DEFLATED,
+        "text.txt": zipfile.ZIP_DEFLATED,
+    }
+    assert archive.stat().st_size < (1 << 20) + 1000 + 100_000

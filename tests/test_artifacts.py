@@ -36,6 +36,7 @@ from tests.trees import make_source, snapshot
 
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 LIMITS = UnpackLimits()
+DEFAULT_TRANSFERS = TransferSettings()
 FILE, DIR, LINK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
 
 Entry = tuple[str, bytes, int]  # (name in the archive, content, st_mode)
@@ -91,6 +92,7 @@ class Kit:
         disk: DiskBudget | None = None,
         output_format: str = "zip",
         encryption_key: m.EncryptionKey | str | None = "job",
+        transfers: TransferSettings = DEFAULT_TRANSFERS,
     ) -> JobArtifacts:
         initial = credentials or _credentials(self.job)
 
@@ -102,7 +104,7 @@ class Kit:
         if encryption_key != "job":
             data = msgspec.structs.replace(data, encryption_key=encryption_key)
         return JobArtifacts(
-            Transfers(self.shared, TransferSettings()),
+            Transfers(self.shared, transfers),
             ArtifactSettings(limits=limits),
             disk or DiskBudget(0, self.tmp),
             data,
@@ -195,6 +197,58 @@ async def test_upload_then_download_round_trip_with_the_jobs_kms_key(
     back = await s3.download(output, tmp_path / "back")
     assert snapshot(back) == snapshot(source)
     assert (back / "latest").read_text() == "#!/bin/sh\necho built\n"
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar", "tar.gz"])
+async def test_an_output_uploaded_while_it_is_packed_is_the_packed_archive(
+    s3: Kit, job: m.Job, tmp_path: Path, fmt: str
+) -> None:
+    """Parts go up while packing goes on; zip headers written again once their entry is
+    complete must not go up before that: the object equals the archive packed on disk."""
+    source = tmp_path / "out"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.bin").write_bytes(os.urandom(7 * 1024 * 1024))  # stored: does not compress
+    (source / "sub" / "b.txt").write_bytes(b"line of text\n" * 600_000)  # deflated
+    (source / "sub" / "c.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    (source / "link").symlink_to("sub/b.txt")
+    [output] = job.data.output_artifacts
+    parts = TransferSettings(part_size=5 * 1024 * 1024, multipart_threshold=1)
+    size = await s3.upload(output, source, output_format=fmt, transfers=parts)
+
+    location = _location(output)
+    answer = await s3.raw.get_object(Bucket=location.bucket_name, Key=location.object_key)
+    async with answer["Body"] as body:
+        uploaded = await body.read()
+    packed = tmp_path / "packed"
+    packing.pack(source, packed, fmt, "test")  # type: ignore[arg-type]
+    assert uploaded == packed.read_bytes()
+    assert len(uploaded) == size
+    assert answer["ETag"].strip('"').endswith(f"-{-(-size // (5 * 1024 * 1024))}")
+    if fmt == "zip":
+        with zipfile.ZipFile(packed) as archive:
+            methods = {i.filename: i.compress_type for i in archive.infolist()}
+        assert methods["a.bin"] == methods["sub/c.bin"] == zipfile.ZIP_STORED
+        assert methods["sub/b.txt"] == zipfile.ZIP_DEFLATED
+
+
+async def test_a_pack_failure_midway_aborts_the_upload_and_names_the_file(
+    s3: Kit, job: m.Job, tmp_path: Path
+) -> None:
+    """Packing meets a fifo after a 12 MiB file, whose parts may be going up already."""
+    source = tmp_path / "out"
+    source.mkdir()
+    (source / "a.bin").write_bytes(os.urandom(12 * 1024 * 1024))
+    os.mkfifo(source / "z-pipe")  # packed last: names are sorted
+    [output] = job.data.output_artifacts
+    parts = TransferSettings(part_size=5 * 1024 * 1024, multipart_threshold=1)
+    with pytest.raises(ArtifactError, match=r"cannot pack .*z-pipe: it is not a regular file"):
+        await s3.upload(output, source, transfers=parts)
+    location = _location(output)
+    uploads = await s3.raw.list_multipart_uploads(Bucket=location.bucket_name)
+    assert uploads.get("Uploads", []) == []  # aborted: no parts left behind
+    with pytest.raises(s3.raw.exceptions.ClientError, match="404"):
+        await s3.raw.head_object(Bucket=location.bucket_name, Key=location.object_key)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the temp archive is gone
 
 
 async def test_upload_without_an_encryption_key_uses_the_aws_s3_key(

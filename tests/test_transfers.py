@@ -23,7 +23,7 @@ from cpworker.control_plane import ControlPlane
 from cpworker.emulator.client import EmulatorProcess
 from cpworker.errors import ArtifactError, CpWorkerError
 from cpworker.s3 import JobCredentials, ObjectRef, S3Settings, SharedS3
-from cpworker.transfers import MIB, Transfers, TransferSettings
+from cpworker.transfers import MIB, GrowingFile, Transfers, TransferSettings
 from tests.conftest import plain_s3
 
 KEY = "alias/aws/s3"
@@ -224,6 +224,85 @@ async def test_upload_of_a_file_with_sse_kms(
     assert head["ETag"].strip('"').endswith("-3") == (size > MIB)
     assert peak.moved["upload"] == size
     assert await _open_uploads(raw, ref) == []
+
+
+class Moved:
+    """Bytes uploaded so far, and a wait until they reach a count (no polling, no sleeps)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._wanted: tuple[int, anyio.Event] | None = None
+
+    def __call__(self, direction: str, count: int) -> None:
+        self.total += count
+        if self._wanted is not None and self.total >= self._wanted[0]:
+            self._wanted[1].set()
+
+    async def reach(self, total: int) -> None:
+        event = anyio.Event()
+        self._wanted = (total, event)
+        if self.total < total:
+            await event.wait()
+
+
+async def test_a_growing_file_is_uploaded_as_its_parts_become_final(
+    shared: SharedS3, raw: Any, job: Job, tmp_path: Path
+) -> None:
+    """Parts go while the file is written, a held range (a zip header) waits for its
+    release, and the object is the file as it ended up, rewritten bytes included."""
+    path = tmp_path / "growing"
+    path.write_bytes(b"")
+    ref = job.ref()
+    growing = GrowingFile(path)
+    moved = Moved()
+    transfers = Transfers(
+        shared, TransferSettings(part_size=5 * MIB, multipart_threshold=MIB), moved
+    )
+    body = bytearray(os.urandom(17 * MIB))
+
+    def write(start: int, stop: int) -> None:  # in a worker thread, as packing does
+        with path.open("r+b") as file:
+            file.seek(start)
+            file.write(body[start:stop])
+        growing.grew(stop)
+
+    result: list[int] = []
+
+    async def upload() -> None:
+        result.append(await transfers.upload(job.job_credentials(), ref, growing, kms_key_id=KEY))
+
+    with anyio.fail_after(60):  # a wrong wait would hang: fail instead
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upload)
+            growing.hold(0, 512)  # part 1 holds bytes that are written again later
+            await anyio.to_thread.run_sync(write, 0, 12 * MIB)
+            await moved.reach(5 * MIB)
+            assert moved.total == 5 * MIB  # part 2 only: part 1 is held, part 3 is not written
+            body[:512] = os.urandom(512)
+
+            def rewrite_and_grow() -> None:
+                write(0, 512)
+                growing.release()
+                write(12 * MIB, 15 * MIB)
+
+            await anyio.to_thread.run_sync(rewrite_and_grow)
+            await moved.reach(15 * MIB)  # parts 1 and 3, before the file is finished
+            assert growing.size is None
+            await anyio.to_thread.run_sync(write, 15 * MIB, len(body))
+            growing.finish(len(body))
+    assert result == [len(body)]
+    assert await _get(raw, ref) == bytes(body)
+    head = await raw.head_object(Bucket=ref.bucket, Key=ref.key)
+    assert head["ETag"].strip('"').endswith("-4")
+    assert await _open_uploads(raw, ref) == []
+
+
+def test_part_sizes_double_every_thousand_parts_up_to_s3s_limits() -> None:
+    settings = TransferSettings(part_size=MIB)  # below S3's minimum: 5 MiB
+    sizes = [settings.part_length(n) for n in (1, 1000, 1001, 2001, 10_000)]
+    assert sizes == [5 * MIB, 5 * MIB, 10 * MIB, 20 * MIB, 5 * MIB << 9]
+    assert sum(settings.part_length(n) for n in range(1, 10_001)) > 4.8 * 1024**4
+    assert TransferSettings(part_size=4096 * MIB).part_length(3001) == 5 * 1024 * MIB
 
 
 async def test_a_cancelled_multipart_upload_is_aborted(
