@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak bench-emulator bench-shutdown bench-artifacts bench-s3-client clean
+.PHONY: demo test soak bench bench-quick bench-emulator bench-shutdown bench-artifacts bench-s3-client clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --quick
 
 bench-emulator: $(STAMP)
 	$(BIN)/python benchmarks/emulator_load.py

@@ -125,12 +125,16 @@ class EmulatorProcess:
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 60.0,
         env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> AsyncIterator[EmulatorProcess]:
         """Run the emulator on free ports of 127.0.0.1; stop it (SIGTERM) on exit.
 
-        `env` adds variables to the emulator's environment (e.g. its SigV4 keys).
+        `env` adds variables to the emulator's environment (e.g. its SigV4 keys);
+        `wrapper` comes before the command (e.g. `taskset -c 0` to pin it to a CPU).
         """
-        command = [sys.executable, "-m", "cpworker", "emulator", "--port", "0", "--s3-port", "0"]
+        command = [
+            *wrapper, sys.executable, "-m", "cpworker", "emulator", "--port", "0", "--s3-port", "0",
+        ]  # fmt: skip
         # stderr is inherited, so the emulator's own errors show where the caller runs.
         environment = {**os.environ, **(env or {})}
         # A session of its own: a terminal's Ctrl-C (sent to the whole process group) must

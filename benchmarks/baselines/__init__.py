@@ -1,0 +1,1 @@
+"""Baseline workers (plain boto3) that the benchmarks compare cpworker against."""
