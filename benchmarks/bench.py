@@ -150,11 +150,18 @@ class Running:
 class Bench:
     """The run's emulator, temp dir and settings; builds each system's command."""
 
-    def __init__(self, emulator: EmulatorProcess, tmp: Path, params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        emulator: EmulatorProcess,
+        tmp: Path,
+        params: dict[str, Any],
+        profile_dir: Path | None = None,
+    ) -> None:
         self.emulator = emulator
         self.admin = emulator.admin
         self.tmp = tmp
         self.params = params
+        self.profile_dir = profile_dir
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """No AWS profile or config file, the worker identity, benchmarks/ importable."""
@@ -232,6 +239,28 @@ max_batch_size = 10
                     await process.wait()
                 await process.aclose()
 
+    @asynccontextmanager
+    async def profiled(self, running: Running, system: System, label: str) -> AsyncIterator[None]:
+        """With `--profile DIR`: py-spy samples cpworker (attached, 200 Hz) while the block
+        runs, into `DIR/<label>.txt` (collapsed stacks), summarized by `hot_spots`."""
+        if self.profile_dir is None or system.name != "cpworker":
+            yield
+            return
+        out = self.profile_dir / f"{label}.txt"
+        command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+                   str(running.pid), "--rate", "200", "--format", "raw", "--output", str(out),
+                   "--nonblocking"]  # fmt: skip
+        with (self.tmp / f"{label}-py-spy.log").open("wb") as log:
+            spy = await anyio.open_process(command, stdout=log, stderr=log)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+                with anyio.move_on_after(30):
+                    await spy.wait()
+                await spy.aclose()
+
     async def register(self, action: dict[str, str]) -> None:
         """Register the action type (0 to 5 artifacts each way), so that polls for it are
         answered before any job of it exists."""
@@ -279,7 +308,10 @@ max_batch_size = 10
         wait for their results; the system's metrics for the scenario's row."""
         await self.register(spec["actionTypeId"])
         before = await self.polls()
-        async with self.started(system, scenario) as running:
+        async with (
+            self.started(system, scenario) as running,
+            self.profiled(running, system, scenario),
+        ):
             await self.wait_polling(running, before)
             cpu, calls, started = running.cpu_s(), await self.calls(), time.time()
             ids: list[str] = []
@@ -517,14 +549,54 @@ async def pickup(bench: Bench) -> dict[str, Any]:
     return {"params": params, "systems": systems}
 
 
-async def run_all(params: dict[str, Any], only: set[str]) -> dict[str, Any]:
+def hot_spots(path: Path, top: int = 10) -> dict[str, list[tuple[str, float]]]:
+    """A py-spy raw profile's share of samples by the function running (`self`) and by the
+    package its file belongs to (`package`: botocore, aiohttp, asyncio, cpworker, ...)."""
+    own: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        function, _, where = stack.rsplit(";", 1)[-1].partition(" (")
+        file = where.rsplit(":", 1)[0]
+        samples += count
+        name = f"{function} ({file.rsplit('/', 1)[-1]})"
+        own[name] = own.get(name, 0) + count
+        package = _package(file)
+        packages[package] = packages.get(package, 0) + count
+
+    def ranked(counts: dict[str, int]) -> list[tuple[str, float]]:
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [(name, count / samples) for name, count in best]
+
+    return {"self": ranked(own), "package": ranked(packages)} if samples else {}
+
+
+def _package(file: str) -> str:
+    """The package of a py-spy frame's file: `botocore/auth.py` → botocore, `uuid.py` →
+    stdlib uuid (py-spy shortens paths to their import path)."""
+    parts = [p for p in file.split("/") if p]
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts[:-1]:
+            return parts[parts.index(marker) + 1]
+    if len(parts) == 1:
+        return f"stdlib {parts[0].removesuffix('.py')}"
+    return parts[0] if parts else "?"
+
+
+async def run_all(
+    params: dict[str, Any], only: set[str], profile_dir: Path | None = None
+) -> dict[str, Any]:
     scenarios: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cpworker-bench-") as name:
         tmp = Path(name)
         (tmp / "work").mkdir()
         pinned = _taskset(0)
         async with EmulatorProcess.start(wrapper=pinned) as emulator:
-            bench = Bench(emulator, tmp, params)
+            bench = Bench(emulator, tmp, params, profile_dir)
             if "control_plane" in only:
                 for latency in params["latencies_ms"]:
                     scenarios[f"control_plane_{latency}ms"] = await control_plane(bench, latency)
@@ -685,13 +757,21 @@ def main() -> None:
     mode.add_argument("--smoke", action="store_true", help="a few jobs each: the harness works")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file ({RESULTS})")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="scenarios, comma-separated")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="profile cpworker with py-spy in every job scenario into this folder (its "
+        "figures then include py-spy's sampling cost); prints the hot spots",
+    )
     args = parser.parse_args()
     only = set(args.only.split(","))
     if unknown := only - set(SCENARIOS):
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
     name = "quick" if args.quick else "smoke" if args.smoke else "full"
     started = time.monotonic()
-    scenarios = anyio.run(run_all, MODES[name], only)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    scenarios = anyio.run(run_all, MODES[name], only, args.profile)
     result = {
         "machine": machine(),
         "mode": name,
@@ -709,6 +789,11 @@ def main() -> None:
     for line in report(result):
         print(line)
     print(f"written: {args.out} {' '.join(str(p) for p in pictures)} in {result['seconds']:.0f} s")
+    for profile in sorted(args.profile.glob("*.txt")) if args.profile else []:
+        print(f"profile {profile}:")
+        for kind, ranked in hot_spots(profile).items():
+            for function, share in ranked:
+                print(f"  {kind:<5} {share:6.1%}  {function}")
     lost = sum(r["lost"] or 0 for s in scenarios.values() for r in s["systems"].values())
     failed = sum(r["failed"] or 0 for s in scenarios.values() for r in s["systems"].values())
     if lost or failed:

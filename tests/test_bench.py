@@ -2,7 +2,8 @@
 system and scenario, through the real emulator and real worker processes.
 
 No timing is asserted: the run must finish, every job of every system must succeed, and
-the JSON must have the shape `make bench` promises, with the PNG plots beside it.
+the JSON must have the shape `make bench` promises, with the PNG plots beside it; with
+`--profile`, py-spy's profile of cpworker is written for every job scenario.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ JOB_SCENARIOS = {
 
 def test_the_smoke_run_completes_every_job_and_writes_json_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "results" / "smoke.json"
+    bench = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke"]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--out", str(out)],
+        [*bench, "--out", str(out), "--profile", str(tmp_path / "profiles")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -60,3 +62,7 @@ def test_the_smoke_run_completes_every_job_and_writes_json_and_plots(tmp_path: P
         picture = out.with_name(f"smoke-{what}.png")
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", what
     assert "goal x_boto3_threads >= 3" in done.stdout  # the printed table ends with the goals
+    # py-spy sampled cpworker in every job scenario; the hot spots are printed.
+    profiles = {p.stem for p in (tmp_path / "profiles").glob("*.txt")}
+    assert profiles == set(JOB_SCENARIOS), profiles
+    assert done.stdout.count("profile ") == len(JOB_SCENARIOS)
