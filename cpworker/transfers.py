@@ -40,6 +40,7 @@ from typing import Any, Final
 
 import aiofiles.threadpool
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from cpworker.errors import ArtifactError, CpWorkerError, first_exception
@@ -316,9 +317,10 @@ class Transfers:
         self, credentials: JobCredentials, ref: ObjectRef, kms_key_id: str
     ) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         """A multipart upload: completed when the body ends, aborted when it raises."""
-        upload_id = await self.s3.create_multipart(credentials, ref, kms_key_id=kms_key_id)
+        upload_id = await self.create_multipart(credentials, ref, kms_key_id)
         parts: list[dict[str, Any]] = []
         try:
+            await anyio.lowlevel.checkpoint()  # a cancellation during the create lands here
             try:
                 yield upload_id, parts
             except ExceptionGroup as group:  # only plain exceptions: cancellation passes
@@ -328,6 +330,16 @@ class Transfers:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_ABORT_TIMEOUT_S):
                 await self.abort_multipart(credentials, ref, upload_id)
             raise
+
+    async def create_multipart(
+        self, credentials: JobCredentials, ref: ObjectRef, kms_key_id: str
+    ) -> str:
+        """CreateMultipartUpload, shielded from cancellation: cancelled while S3 answers, the
+        upload would exist with no id to abort it by (its parts orphaned). The caller's
+        next checkpoint delivers the cancellation, with the id in hand to abort."""
+        with anyio.CancelScope(shield=True):
+            upload_id = await self.s3.create_multipart(credentials, ref, kms_key_id=kms_key_id)
+        return upload_id  # noqa: RET504 - out of the scope: mypy sees that it may swallow
 
     async def abort_multipart(
         self, credentials: JobCredentials, ref: ObjectRef, upload_id: str
@@ -551,9 +563,9 @@ class ArtifactWriter:
     async def _start_part(self) -> None:
         if self._next_part > MAX_PARTS:
             raise _too_many_parts(self._ref)
-        if self._upload_id is None:
-            self._upload_id = await self._transfers.s3.create_multipart(
-                self._credentials, self._ref, kms_key_id=self._kms_key_id
+        if self._upload_id is None:  # aborted when the block ends, even if cancelled now
+            self._upload_id = await self._transfers.create_multipart(
+                self._credentials, self._ref, self._kms_key_id
             )
         token = object()
         await self._job_limit.acquire_on_behalf_of(token)
