@@ -18,6 +18,7 @@ import anyio
 import boto3
 import pytest
 from aiobotocore.session import AioSession
+from anyio.abc import Process
 from botocore.config import Config
 
 from cpworker import models as m
@@ -163,6 +164,17 @@ async def wait_for(
                 await anyio.sleep(0.02)
     except TimeoutError:
         pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+async def exit_and_stderr(process: Process, timeout_s: float) -> tuple[int, str]:
+    """Wait (at most `timeout_s`) for a subprocess to exit: its exit code and stderr."""
+    assert process.stderr is not None
+    chunks = []
+    with anyio.fail_after(timeout_s):
+        async for chunk in process.stderr:
+            chunks.append(chunk)
+        code = await process.wait()
+    return code, b"".join(chunks).decode(errors="replace")
 
 
 async def status_of(admin: AdminClient, job_id: str) -> str:

@@ -27,7 +27,7 @@ from anyio.abc import Process
 from cpworker import models as m
 from cpworker.control_plane import ControlPlane
 from cpworker.emulator.client import AdminClient, EmulatorProcess
-from tests.conftest import JobFactory, plain_s3, wait_for
+from tests.conftest import JobFactory, exit_and_stderr, plain_s3, wait_for
 
 BASELINES = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines"
 # The emulator checks the form of the signature only; these keys are not secrets.
@@ -94,17 +94,6 @@ async def started(command: list[str], env: dict[str, str]) -> AsyncIterator[Proc
             process.kill()
         with anyio.CancelScope(shield=True):
             await process.aclose()
-
-
-async def stopped(process: Process) -> tuple[int, str]:
-    """Wait for the process to exit: its exit code and stderr."""
-    assert process.stderr is not None
-    chunks = []
-    with anyio.fail_after(STOP_TIMEOUT_S):
-        async for chunk in process.stderr:
-            chunks.append(chunk)
-        code = await process.wait()
-    return code, b"".join(chunks).decode(errors="replace")
 
 
 async def assert_reported_once(
@@ -282,7 +271,7 @@ async def test_sigterm_stops_an_idle_worker_at_once(
 
         await wait_for(all_polled, 10.0, f"{threads} empty polls (every thread asleep)")
         process.send_signal(signal.SIGTERM)
-        code, stderr = await stopped(process)
+        code, stderr = await exit_and_stderr(process, STOP_TIMEOUT_S)
     assert code == 0, stderr
     assert "stopped after 0 jobs" in stderr
 
@@ -314,7 +303,7 @@ async def test_sigterm_lets_the_jobs_in_hand_finish_and_polls_no_more(
 
         await wait_for(in_hand, 10.0, f"{running} jobs in progress")
         process.send_signal(signal.SIGTERM)
-        code, stderr = await stopped(process)
+        code, stderr = await exit_and_stderr(process, STOP_TIMEOUT_S)
     assert code == 0, stderr
     found = Counter([(await admin.job(job_id))["status"] for job_id in ids])
     assert found == Counter({"Succeeded": running, "Queued": 2})

@@ -16,7 +16,7 @@ from anyio.abc import Process
 
 from cpworker import models as m
 from cpworker.emulator.client import AdminClient, EmulatorProcess
-from tests.conftest import TEST_KEY_ID, TEST_SECRET, JobFactory, wait_for
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, JobFactory, exit_and_stderr, wait_for
 
 
 def write_config(
@@ -67,14 +67,8 @@ async def in_progress(admin: AdminClient, provider: str, count: int) -> bool:
 
 async def finish(process: Process, timeout_s: float = 30) -> tuple[int, list[dict[str, Any]]]:
     """Wait for the worker to exit; its return code and JSON log lines."""
-    assert process.stderr is not None
-    chunks = []
-    with anyio.fail_after(timeout_s):
-        async for chunk in process.stderr:
-            chunks.append(chunk)
-        code = await process.wait()
-    lines = b"".join(chunks).decode().splitlines()
-    return code, [json.loads(line) for line in lines if line.startswith("{")]
+    code, stderr = await exit_and_stderr(process, timeout_s)
+    return code, [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 async def running_worker_process(
