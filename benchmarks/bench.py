@@ -133,6 +133,8 @@ class System:
 
 @dataclass
 class Running:
+    """A started system: its process (CPU time and peak RSS read from /proc) and log."""
+
     process: anyio.abc.Process
     log: Path
 
