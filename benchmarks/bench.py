@@ -15,8 +15,9 @@ when every job has a result (or at the deadline: the rest are `lost`). Job times
 the emulator's history of each job (creation → accepted result; `pickup`: creation → first
 acknowledgement), never from the system's own clock. `jobs_per_s` is jobs over the time
 from their creation to the last result; `api_calls_per_job` counts every CodePipeline call
-the emulator served in that window (empty polls too); `peak_rss_mib` is the process's
-VmHWM (its children not included).
+the emulator served in that window (empty polls too), `api_calls_per_job_saturated` leaves
+out the polls that found no job (those once the queue ran dry: the goal's "at
+saturation"); `peak_rss_mib` is the process's VmHWM (its children not included).
 
 Scenarios (full / quick job counts in MODES): `control_plane_<L>ms` (no-op jobs, L ms
 injected API latency), `handler_bound` (1 s sleep handler; efficiency = jobs/s over the
@@ -68,7 +69,10 @@ METRICS = (
     "jobs_per_s", "p50_s", "p95_s", "p99_s", "api_calls_per_job", "cpu_ms_per_job",
     "peak_rss_mib", "mib_per_s", "failed", "lost",
 )  # fmt: skip
-EXTRA = ("efficiency", "polls_per_s", "cpu_percent", "pickup_p50_s", "pickup_p99_s")
+EXTRA = (
+    "api_calls_per_job_saturated", "efficiency", "polls_per_s", "cpu_percent",
+    "pickup_p50_s", "pickup_p99_s",
+)  # fmt: skip
 BACKOFF_CEILING_S = 5.0  # cpworker's idle_backoff_ceiling_s default: the pickup goal
 
 # Job counts and durations per mode. Sequential baselines get fewer jobs where the full
@@ -290,9 +294,11 @@ max_batch_size = 10
     async def polls(self) -> int:
         return int(sum((await self.admin.stats())["requests"].get("PollForJobs", {}).values()))
 
-    async def calls(self) -> int:
-        requests = (await self.admin.stats())["requests"]
-        return int(sum(sum(outcomes.values()) for outcomes in requests.values()))
+    async def calls(self) -> tuple[int, int]:
+        """Every CodePipeline call so far, and how many of them were polls that found no job."""
+        stats = await self.admin.stats()
+        calls = sum(sum(outcomes.values()) for outcomes in stats["requests"].values())
+        return int(calls), int(sum(stats["emptyPolls"].values()))
 
     async def wait_polling(self, running: Running, before: int) -> None:
         """Until the system has polled at least once (it is up), or fail with its log."""
@@ -325,7 +331,8 @@ max_batch_size = 10
                 ids = (await self.admin.create_jobs({**spec, "count": count}))["jobIds"]
             statuses = await self.wait_done(ids, spec["actionTypeId"]["provider"], timeout_s)
             cpu = running.cpu_s() - cpu
-            calls = await self.calls() - calls
+            calls_now = await self.calls()
+            calls = (calls_now[0] - calls[0], calls_now[1] - calls[1])
             rss = running.peak_rss_mib()
             wall = time.time() - started
         histories = await self.histories(ids)
@@ -372,7 +379,7 @@ def _job_metrics(
     histories: list[dict[str, Any]],
     statuses: dict[str, str],
     cpu_s: float,
-    calls: int,
+    calls: tuple[int, int],
     rss: float | None,
     wall: float,
 ) -> dict[str, Any]:
@@ -400,7 +407,8 @@ def _job_metrics(
         "p99_s": _quantile(times, 0.99),
         "pickup_p50_s": _quantile(pickups, 0.50),
         "pickup_p99_s": _quantile(pickups, 0.99),
-        "api_calls_per_job": calls / count if count else None,
+        "api_calls_per_job": calls[0] / count if count else None,
+        "api_calls_per_job_saturated": (calls[0] - calls[1]) / count if count else None,
         "cpu_ms_per_job": cpu_s * 1000 / count if count else None,
         "peak_rss_mib": rss,
         "mib_per_s": None,
@@ -690,7 +698,7 @@ def goals(scenarios: dict[str, Any]) -> dict[str, Any]:
         found["x_boto3_sequential"] = cp["jobs_per_s"] / seq["jobs_per_s"]
         found["x_boto3_threads"] = cp["jobs_per_s"] / threads["jobs_per_s"]
         found["cpu_share_of_threads"] = cp["cpu_ms_per_job"] / threads["cpu_ms_per_job"]
-        found["api_calls_per_job"] = cp["api_calls_per_job"]
+        found["api_calls_per_job_saturated"] = cp["api_calls_per_job_saturated"]
     if hb := row("handler_bound", "cpworker"):
         found["handler_bound_efficiency"] = hb.get("efficiency")
     if idle_row := row("idle", "cpworker"):
@@ -702,7 +710,7 @@ def goals(scenarios: dict[str, Any]) -> dict[str, Any]:
         found["big_artifact_peak_rss_mib"] = big["peak_rss_mib"]
     targets = {
         "x_boto3_sequential": (">=", 40.0), "x_boto3_threads": (">=", 3.0),
-        "cpu_share_of_threads": ("<=", 1 / 3), "api_calls_per_job": ("<=", 2.1),
+        "cpu_share_of_threads": ("<=", 1 / 3), "api_calls_per_job_saturated": ("<=", 2.1),
         "handler_bound_efficiency": (">=", 0.9), "idle_polls_per_s": ("<=", 1.0),
         "idle_cpu_percent": ("<=", 1.0), "pickup_p99_s": ("<=", BACKOFF_CEILING_S + 0.1),
         "big_artifact_peak_rss_mib": ("<=", 150.0),

@@ -29,7 +29,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 
@@ -118,9 +118,9 @@ class JobArtifacts(ArtifactIO):
         self._reserved = 0
         self._job_limit = transfers.job_limit()  # one limit for all the job's transfers
         self.unpacked_formats: list[Format] = []
-        # Where temp archives are packed (the job's work directory, set by the runner);
-        # None: beside the directory being packed.
-        self.temp_dir: Path | None = None
+        # Where temp archives are packed: the job's work directory (set by the runner,
+        # made on first call); None: beside the directory being packed.
+        self.temp_dir: Callable[[], Path] | None = None
 
     def _job_credentials(self) -> JobCredentials:
         if self._credentials is None:
@@ -172,7 +172,8 @@ class JobArtifacts(ArtifactIO):
                 f"{ref}: {source} does not exist or is not a directory; the handler must write "
                 "the artifact's files into that directory before it returns"
             )
-        archive = GrowingFile(_temp_file(self.temp_dir or source.parent, ".pack", ref))
+        folder = self.temp_dir() if self.temp_dir is not None else source.parent
+        archive = GrowingFile(_temp_file(folder, ".pack", ref))
 
         async def pack() -> None:
             run = functools.partial(packing.pack, progress=archive)

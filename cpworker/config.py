@@ -135,6 +135,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     shutdown_grace_s: float = 30.0
     result_deadline_s: float = 120.0
     api_max_attempts: int = 5
+    api_lean_job_calls: bool = True
     bind: str = "0.0.0.0:9464"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -19,6 +19,7 @@ artifact's bytes as they are, without unpacking or touching disk.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ from cpworker.errors import ArtifactError, CpWorkerError
 if TYPE_CHECKING:
     from cpworker.transfers import ArtifactWriter
 
-__all__ = ["ArtifactIO", "InputArtifact", "JobContext", "JobLogger", "OutputArtifact"]
+__all__ = ["ArtifactIO", "InputArtifact", "JobContext", "JobLogger", "OutputArtifact", "WorkDir"]
 
 A = TypeVar("A", "InputArtifact", "OutputArtifact")
 
@@ -53,15 +54,46 @@ class ArtifactIO:
         raise NotImplementedError
 
 
+class WorkDir:
+    """A job's private directory (mode 0o700), made on first use; most jobs never need one.
+
+    One `mkdir` on the event loop costs less than a hop to a worker thread, and a job that
+    never touches its files (a no-op, an API call, `stream()`/`writer()`) makes none.
+    """
+
+    def __init__(self, root: Path | None, job_id: str) -> None:
+        self._root = root
+        self._prefix = f"cpworker-{job_id[:36]}-"
+        self.made: Path | None = None  # set once made; the runner removes it after the job
+
+    def path(self) -> Path:
+        """The directory, made now if it does not exist yet."""
+        if self.made is None:
+            try:
+                self.made = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._root))
+            except OSError as exc:
+                raise CpWorkerError(
+                    f"cannot create the job's work directory in {self._root} ({exc.strerror}); "
+                    "the worker needs write access and free space in its work_dir"
+                ) from None
+        return self.made
+
+    def sub(self, *parts: str) -> Path:
+        """A private directory inside it (made if missing)."""
+        path = self.path().joinpath(*parts)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+
 class InputArtifact:
     """One input artifact: `await path()` downloads and unpacks it once, then reuses it."""
 
-    def __init__(self, artifact: m.Artifact, io: ArtifactIO, target: Path) -> None:
+    def __init__(self, artifact: m.Artifact, io: ArtifactIO, work_dir: WorkDir) -> None:
         self.artifact = artifact
         self.name = artifact.name or ""
         self.revision = artifact.revision
         self._io = io
-        self._target = target
+        self._work_dir = work_dir
         self._lock = anyio.Lock()
         self._path: Path | None = None
 
@@ -69,8 +101,8 @@ class InputArtifact:
         """The directory holding the artifact's unpacked files."""
         async with self._lock:
             if self._path is None:
-                self._target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._path = await self._io.download(self.artifact, self._target)
+                target = self._work_dir.sub("inputs") / self.name
+                self._path = await self._io.download(self.artifact, target)
             return self._path
 
     def stream(self, chunk_size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
@@ -89,20 +121,20 @@ class InputArtifact:
 class OutputArtifact:
     """One output artifact: fill `path` (created on first use) or call `upload(dir)`."""
 
-    def __init__(self, artifact: m.Artifact, io: ArtifactIO, directory: Path) -> None:
+    def __init__(self, artifact: m.Artifact, io: ArtifactIO, work_dir: WorkDir) -> None:
         self.artifact = artifact
         self.name = artifact.name or ""
         self._io = io
-        self._directory = directory
+        self._work_dir = work_dir
         self.used = False
         self.uploaded_bytes: int | None = None
 
     @property
     def path(self) -> Path:
         """A private directory whose contents become this artifact's archive."""
-        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = self._work_dir.sub("outputs", self.name)
         self.used = True
-        return self._directory
+        return directory
 
     async def upload(self, directory: Path | None = None) -> int:
         """Pack `directory` (default: `path`) and upload it now; returns the archive's size."""
@@ -177,7 +209,7 @@ class JobContext:
         job_id: str,
         data: m.JobData,
         io: ArtifactIO,
-        work_dir: Path,
+        work_dir: WorkDir,
         options: Mapping[str, Any],
         third_party: bool = False,
         log: JobLogger,
@@ -189,7 +221,7 @@ class JobContext:
         self.pipeline = data.pipeline_context or m.PipelineContext()
         self.continuation_token = data.continuation_token
         self.encryption_key = data.encryption_key
-        self.work_dir = work_dir
+        self._work_dir = work_dir
         self.options = options
         self.third_party = third_party
         self.log = log
@@ -201,14 +233,19 @@ class JobContext:
         )
 
     @property
+    def work_dir(self) -> Path:
+        """The job's private temporary directory, made on first use, removed after the job."""
+        return self._work_dir.path()
+
+    @property
     def inputs_dir(self) -> Path:
         """The directory holding one subdirectory per unpacked input (`inputs[n].path()`)."""
-        return self.work_dir / "inputs"
+        return self._work_dir.sub("inputs")
 
     @property
     def outputs_dir(self) -> Path:
         """The directory holding one subdirectory per output (`outputs[n].path`)."""
-        return self.work_dir / "outputs"
+        return self._work_dir.sub("outputs")
 
     @property
     def pipeline_name(self) -> str | None:
@@ -241,7 +278,7 @@ def _by_name(
     kind: str,
     cls: type[A],
     io: ArtifactIO,
-    work_dir: Path,
+    work_dir: WorkDir,
 ) -> dict[str, A]:
     items: dict[str, A] = {}
     for artifact in artifacts:
@@ -251,5 +288,5 @@ def _by_name(
                 f"the job's {kind} artifacts have a missing, repeated or unsafe name {name!r}; "
                 "give every artifact of the action a distinct name"
             )
-        items[name] = cls(artifact, io, work_dir / f"{kind}s" / name)
+        items[name] = cls(artifact, io, work_dir)
     return items

@@ -23,17 +23,19 @@ import msgspec
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore import xform_name
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from cpworker import models as m
-from cpworker.errors import CpWorkerError, ServiceError, TransportError, error_for
+from cpworker.errors import CpWorkerError
+from cpworker.lean_calls import (
+    LEAN_OPERATIONS,
+    TRANSPORT_ERRORS,
+    LeanCalls,
+    service_error,
+    transport_error,
+)
 
 __all__ = ["ControlPlane", "ControlPlaneSettings"]
-
-# Every failure to reach the endpoint or to read its answer: connection refused or closed,
-# timeouts, TLS and proxy errors, and aiohttp errors botocore wraps as HTTPClientError.
-_TRANSPORT_ERRORS = (BotoConnectionError, HTTPClientError)
 
 
 class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +48,9 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
     pool_size: int = 64
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
+    #: Poll, acknowledge and report on the lean path (`cpworker.lean_calls`) rather than
+    #: through botocore's request pipeline; used with ``retry_mode="standard"`` only.
+    lean_job_calls: bool = True
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -66,10 +71,16 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
 class ControlPlane:
     """Typed CodePipeline job operations. Build it with `ControlPlane.open(settings)`."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, lean: LeanCalls | None = None) -> None:
         self._client = client
+        self._lean = lean
         self._closed = False
         self._methods: dict[str, Any] = {op: getattr(client, xform_name(op)) for op in m.OPERATIONS}
+
+    @property
+    def lean(self) -> bool:
+        """Whether the job loop's calls go on the lean path."""
+        return self._lean is not None
 
     @classmethod
     @asynccontextmanager
@@ -83,7 +94,11 @@ class ControlPlane:
             endpoint_url=settings.endpoint_url,
             config=settings.client_config(),
         ) as client:
-            plane = cls(client)
+            lean = None
+            credentials = await session.get_credentials()  # the ones the client signs with
+            if settings.lean_job_calls and settings.retry_mode == "standard" and credentials:
+                lean = LeanCalls(client, credentials, settings.max_attempts)
+            plane = cls(client, lean)
             try:
                 yield plane
             finally:
@@ -96,12 +111,14 @@ class ControlPlane:
                 f"{operation}: this ControlPlane is closed; call it inside "
                 "`async with ControlPlane.open(settings) as cp:`"
             )
+        if self._lean is not None and operation in LEAN_OPERATIONS:
+            return await self._lean.call(operation, request)
         try:
             answer = await self._methods[operation](**m.to_builtins(request))
         except ClientError as exc:
-            raise _service_error(operation, exc) from None
-        except _TRANSPORT_ERRORS as exc:
-            raise TransportError(f"{operation}: cannot reach CodePipeline: {exc}") from None
+            raise service_error(operation, dict(exc.response)) from None
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(operation, exc) from None
         except BotoCoreError as exc:
             # e.g. botocore's own parameter checks; their text can quote argument values,
             # which may be secrets, so only the kind of error is named.
@@ -261,17 +278,3 @@ class ControlPlane:
             category=category, provider=provider, version=version
         )
         await self._call("DeleteCustomActionType", request)
-
-
-def _service_error(operation: str, exc: ClientError) -> ServiceError:
-    error = exc.response.get("Error", {})
-    meta = exc.response.get("ResponseMetadata", {})
-    service_error = error_for(
-        str(error.get("Code", "Unknown")),
-        str(error.get("Message", "")),
-        operation=operation,
-        request_id=meta.get("RequestId"),
-        status=meta.get("HTTPStatusCode"),
-    )
-    service_error.retry_attempts = int(meta.get("RetryAttempts") or 0)
-    return service_error

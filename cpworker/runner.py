@@ -28,7 +28,7 @@ import anyio
 from cpworker import models as m
 from cpworker.artifacts import ArtifactSettings, DiskBudget, JobArtifacts
 from cpworker.config import ActionTypeConfig, ConfigError, is_secret_key
-from cpworker.context import ArtifactIO, JobContext, JobLogger
+from cpworker.context import ArtifactIO, JobContext, JobLogger, WorkDir
 from cpworker.control_plane import ControlPlane
 from cpworker.errors import (
     ArtifactError,
@@ -250,15 +250,11 @@ class JobRunner:
         redactor.add(*secrets)
         io = self._artifacts(data, fetch, secrets)
         job_log = JobLogger(logging.getLogger("cpworker.job"), _job_fields(job_id, self.name, data))
-        work_dir: Path | None = None
+        work_dir = WorkDir(self.settings.work_root, job_id)
+        io.temp_dir = work_dir.path
         try:
             try:
-                with anyio.CancelScope(shield=True):  # made here, always removed below
-                    made = work_dir = Path(
-                        await anyio.to_thread.run_sync(self._make_work_dir, job_id)
-                    )
-                io.temp_dir = made
-                outcome = await self._outcome(self._context(job_id, data, io, made, job_log))
+                outcome = await self._outcome(self._context(job_id, data, io, work_dir, job_log))
             except anyio.get_cancelled_exc_class():
                 failed = Failed(SHUTDOWN_MESSAGE, type="SystemUnavailable")
                 await self._report(job_id, reporter, failed, started, job_log, shutdown=True)
@@ -271,8 +267,8 @@ class JobRunner:
         finally:  # after every outcome, cancellation included
             with anyio.CancelScope(shield=True):
                 await io.aclose()
-                if work_dir is not None:
-                    await anyio.to_thread.run_sync(shutil.rmtree, work_dir, True)
+                if work_dir.made is not None:
+                    await anyio.to_thread.run_sync(shutil.rmtree, work_dir.made, True)
             redactor.discard(*secrets)
 
     def _details_fetcher(self, job_id: str, token: str | None) -> CredentialsFetcher:
@@ -328,11 +324,8 @@ class JobRunner:
             s.transfers, s.artifacts, s.disk, data, credentials, self.config.output_format
         )
 
-    def _make_work_dir(self, job_id: str) -> str:
-        return tempfile.mkdtemp(prefix=f"cpworker-{job_id[:36]}-", dir=self.settings.work_root)
-
     def _context(
-        self, job_id: str, data: m.JobData, io: ArtifactIO, work_dir: Path, job_log: JobLogger
+        self, job_id: str, data: m.JobData, io: ArtifactIO, work_dir: WorkDir, job_log: JobLogger
     ) -> JobContext:
         return JobContext(
             job_id=job_id,

@@ -75,7 +75,9 @@ RENEW_ON: Final = frozenset(
 )
 # `ArtifactError.code` of a connection that could not be made or broke mid-answer.
 TRANSPORT_CODE: Final = "ConnectionError"
-# How many times one request is sent again with renewed credentials before giving up.
+# How many times one request is sent again with renewed credentials before giving up; also
+# how many renewals for refused credentials a job makes in a row (no request accepted
+# since) before every request refused gives up.
 _RENEWALS_PER_REQUEST = 3
 # The parameter that carries a request's JobCredentials to the signer (never sent).
 _CREDENTIALS_PARAM = "CpworkerJobCredentials"
@@ -171,16 +173,21 @@ class ObjectInfo(msgspec.Struct, frozen=True, kw_only=True):
 class _Refreshable(AnyioRefreshableCredentials):  # type: ignore[misc]
     forced = False
     generation = 0  # how many times they were refreshed
+    refused_in_a_row = 0  # forced refreshes since a request was last accepted
 
     async def renew_if_current(self, used_generation: int) -> bool:
         """Refresh now unless they were refreshed since `used_generation` was signed with.
 
         aiobotocore refreshes only by time; this forces one under its own refresh lock,
         so concurrent callers refused with the same credentials cause one refresh together.
+        False: renewing is given up (`_RENEWALS_PER_REQUEST` in a row were refused too).
         """
         async with self._refresh_lock:
             if self.generation != used_generation:
+                return True  # renewed since: send again with the new ones
+            if self.refused_in_a_row >= _RENEWALS_PER_REQUEST:
                 return False
+            self.refused_in_a_row += 1
             self.forced = True
             try:
                 await self._protected_refresh(is_mandatory=True)
@@ -249,9 +256,18 @@ class JobCredentials:
         frozen = await self._credentials.get_frozen_credentials()
         return str(frozen.access_key)
 
-    async def renew(self, refused_generation: int) -> None:
-        """S3 refused that generation: renew now, unless another request already did."""
-        await self._credentials.renew_if_current(refused_generation)
+    async def renew(self, refused_generation: int) -> bool:
+        """S3 refused that generation: renew now, unless another request already did.
+
+        False when renewing is given up: the job's credentials were renewed for refusals
+        `_RENEWALS_PER_REQUEST` times in a row, and no request was accepted since.
+        """
+        renewed: bool = await self._credentials.renew_if_current(refused_generation)
+        return renewed
+
+    def accepted(self) -> None:
+        """A request signed with them was accepted: refusals in a row start again from 0."""
+        self._credentials.refused_in_a_row = 0
 
     @property
     def botocore(self) -> Any:
@@ -336,13 +352,16 @@ class SharedS3:
                 answer: dict[str, Any] = await _guarded(
                     ref, verb, method(**params, **{_CREDENTIALS_PARAM: credentials.botocore})
                 )
+                credentials.accepted()
                 return answer
             except ArtifactError as exc:
                 # A HEAD's bare 400/403 may be anything: renewing once is enough to tell.
                 limit = 1 if exc.code in ("400", "403") else _RENEWALS_PER_REQUEST
                 if exc.code not in RENEW_ON or attempt >= limit:
                     raise
-            await _guarded(ref, verb, credentials.renew(used))
+                refused = exc
+            if not await _guarded(ref, verb, credentials.renew(used)):
+                raise refused
             body: Any = params.get("Body")
             if hasattr(body, "seek"):
                 body.seek(0)

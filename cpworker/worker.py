@@ -120,6 +120,7 @@ class Worker:
             region=self.config.region,
             endpoint_url=self.config.codepipeline_endpoint_url,
             max_attempts=self.config.api_max_attempts,
+            lean_job_calls=self.config.api_lean_job_calls,
             pool_size=max(10, min(self.config.max_concurrency, 500)),
         )
         async with (

@@ -86,19 +86,45 @@ def aio_session() -> AioSession:
     return session
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_paths` run on the lean path and through botocore's pipeline."""
+    if "job_calls" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_paths"
+    ):
+        metafunc.parametrize("job_calls", ["lean", "botocore"], indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-async def cp(emulator: EmulatorProcess) -> AsyncIterator[ControlPlane]:
+def job_calls(request: pytest.FixtureRequest) -> str:
+    """Which path `cp` and `cp_no_retry` send the job loop's calls on (default: lean)."""
+    path: str = getattr(request, "param", "lean")
+    return path
+
+
+@pytest.fixture(scope="session")
+async def cp(emulator: EmulatorProcess, job_calls: str) -> AsyncIterator[ControlPlane]:
     """The project's async client, retrying like production (standard mode)."""
-    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline, max_attempts=3)
-    async with ControlPlane.open(settings, aio_session()) as client:
+    async with _control_plane(emulator, 3, job_calls) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-async def cp_no_retry(emulator: EmulatorProcess) -> AsyncIterator[ControlPlane]:
-    """The project's async client with botocore retries off: each call is one request."""
-    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline, max_attempts=1)
+async def cp_no_retry(emulator: EmulatorProcess, job_calls: str) -> AsyncIterator[ControlPlane]:
+    """The project's async client with retries off: each call is one request."""
+    async with _control_plane(emulator, 1, job_calls) as client:
+        yield client
+
+
+@asynccontextmanager
+async def _control_plane(
+    emulator: EmulatorProcess, max_attempts: int, job_calls: str
+) -> AsyncIterator[ControlPlane]:
+    lean = job_calls == "lean"
+    settings = ControlPlaneSettings(
+        endpoint_url=emulator.codepipeline, max_attempts=max_attempts, lean_job_calls=lean
+    )
     async with ControlPlane.open(settings, aio_session()) as client:
+        assert client.lean is lean
         yield client
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import boto3
 import msgspec
 import pytest
+from aiohttp import web
 from botocore.exceptions import ClientError
 
 from cpworker import models as m
@@ -22,10 +23,13 @@ from cpworker.errors import (
     InvalidClientTokenError,
     InvalidNonceError,
     JobNotFoundError,
+    ServiceUnavailableError,
     TransportError,
     ValidationError,
 )
 from tests.conftest import JobFactory, aio_session, status_of
+
+pytestmark = pytest.mark.both_paths
 
 
 async def test_poll_answers_typed_jobs(
@@ -153,11 +157,16 @@ async def test_third_party_flow(
     assert "clientToken" not in history["results"][0]["payload"]
 
 
-async def test_unreachable_endpoint_is_a_transport_error() -> None:
+@pytest.mark.parametrize("max_attempts", [1, 2])
+async def test_unreachable_endpoint_is_a_transport_error(job_calls: str, max_attempts: int) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = ControlPlaneSettings(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1)
+    settings = ControlPlaneSettings(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        max_attempts=max_attempts,
+        lean_job_calls=job_calls == "lean",
+    )
     async with ControlPlane.open(settings, aio_session()) as client:
         with pytest.raises(TransportError, match="PollForJobs: cannot reach CodePipeline"):
             await client.poll_for_jobs(
@@ -252,3 +261,93 @@ async def test_creating_an_existing_action_type_returns_it_unchanged(
     second = await cp.create_custom_action_type(request(5))
     assert second == first
     assert second.input_artifact_details.maximum_count == 1
+
+
+async def test_the_job_loop_calls_skip_botocores_pipeline_on_the_lean_path(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    job_calls: str,
+) -> None:
+    lean = job_calls == "lean"
+    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline, lean_job_calls=lean)
+    through_botocore: list[str] = []
+
+    def seen(model: Any, **_: Any) -> None:
+        through_botocore.append(model.name)
+
+    [first, second] = await make_jobs(2)
+    async with ControlPlane.open(settings, aio_session()) as client:
+        client._client.meta.events.register("before-call.codepipeline", seen)
+        jobs = await client.poll_for_jobs(action_type, 2)
+        assert sorted(job.id for job in jobs) == sorted([first, second])
+        for job in jobs:
+            assert await client.acknowledge_job(job.id, job.nonce or "") == "InProgress"
+        await client.get_job_details(first)
+        await client.put_job_success_result(first)
+        await client.put_job_failure_result(
+            second, m.FailureDetails(type="JobFailed", message="no")
+        )
+    job_loop = ["PollForJobs", "AcknowledgeJob", "AcknowledgeJob"]
+    job_loop += ["PutJobSuccessResult", "PutJobFailureResult"]
+    if lean:
+        assert through_botocore == ["GetJobDetails"]
+    else:
+        assert sorted(through_botocore) == sorted([*job_loop, "GetJobDetails"])
+    assert await status_of(admin, first) == "Succeeded"
+    assert await status_of(admin, second) == "Failed"
+
+
+async def test_an_answer_that_is_not_json_is_an_error_with_its_status(job_calls: str) -> None:
+    """A proxy's HTML 502 page: retried as a server error, then raised with code and status."""
+    requests: list[str] = []
+
+    async def bad_gateway(request: web.Request) -> web.Response:
+        requests.append(request.headers.get("X-Amz-Target", ""))
+        return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/", bad_gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        settings = ControlPlaneSettings(
+            endpoint_url=f"http://127.0.0.1:{port}",
+            max_attempts=2,
+            lean_job_calls=job_calls == "lean",
+        )
+        async with ControlPlane.open(settings, aio_session()) as client:
+            with pytest.raises(ServiceUnavailableError) as info:
+                await client.acknowledge_job("00000000-0000-4000-8000-000000000000", "1")
+    finally:
+        await runner.cleanup()
+    assert info.value.code == "502"
+    assert info.value.status == 502
+    assert info.value.operation == "AcknowledgeJob"
+    assert info.value.retry_attempts == 1
+    assert requests == ["CodePipeline_20150709.AcknowledgeJob"] * 2
+
+
+async def test_the_emulator_counts_polls_that_found_no_job(
+    cp_no_retry: ControlPlane,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+) -> None:
+    async def empty_polls() -> int:
+        count: int = (await admin.stats())["emptyPolls"].get("PollForJobs", 0)
+        return count
+
+    [job_id] = await make_jobs(1)  # registers the action type
+    before = await empty_polls()
+    [job] = await cp_no_retry.poll_for_jobs(action_type, 5)
+    assert job.id == job_id
+    assert await empty_polls() == before
+    assert await cp_no_retry.poll_for_jobs(action_type, 5) == ()
+    assert await empty_polls() == before + 1
+    assert await cp_no_retry.acknowledge_job(job.id, job.nonce or "") == "InProgress"
+    await cp_no_retry.put_job_success_result(job.id)

@@ -19,6 +19,8 @@ from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.emulator.client import AdminClient, EmulatorError, EmulatorProcess
 from tests.conftest import JobFactory, aio_session, status_of, wait_for
 
+pytestmark = pytest.mark.both_paths
+
 
 class FaultControl:
     """Changes the emulator's fault settings and remembers what to reset."""
@@ -124,6 +126,7 @@ async def test_throttling_surfaces_in_boto3_and_after_retries_in_control_plane(
     emulator: EmulatorProcess,
     make_jobs: JobFactory,
     action_type: m.ActionTypeId,
+    job_calls: str,
 ) -> None:
     [job_id] = await make_jobs(1)
     answer = await faults.set(operations={"PollForJobs": {"throttle_rate": 1.0}})
@@ -140,7 +143,9 @@ async def test_throttling_surfaces_in_boto3_and_after_retries_in_control_plane(
 
     # A client of its own: botocore's retry quota is per client, so a shared one could
     # have spent it in earlier tests and retry less.
-    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline, max_attempts=3)
+    settings = ControlPlaneSettings(
+        endpoint_url=emulator.codepipeline, max_attempts=3, lean_job_calls=job_calls == "lean"
+    )
     async with ControlPlane.open(settings, aio_session()) as cp:
         with pytest.raises(errors.ThrottledError) as cp_error:
             await cp.poll_for_jobs(action_type, 1)

@@ -19,6 +19,8 @@ from cpworker.emulator.client import AdminClient, EmulatorError
 from cpworker.errors import ServiceError
 from tests.conftest import JobFactory, status_of, wait_for
 
+pytestmark = pytest.mark.both_paths
+
 
 class Driver:
     """The job operations, as (id, nonce) tuples and plain dicts, for either client."""

@@ -65,8 +65,11 @@ async def test_wrong_secret_and_unknown_key_are_refused(verifying: EmulatorProce
     )
 
 
-async def test_async_client_signs_correctly(verifying: EmulatorProcess) -> None:
-    settings = ControlPlaneSettings(endpoint_url=verifying.codepipeline, max_attempts=1)
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
+async def test_async_client_signs_correctly(verifying: EmulatorProcess, lean: bool) -> None:
+    settings = ControlPlaneSettings(
+        endpoint_url=verifying.codepipeline, max_attempts=1, lean_job_calls=lean
+    )
     good, bad = AioSession(), AioSession()
     good.set_credentials(KEY_ID, SECRET)
     bad.set_credentials(KEY_ID, "wrong")

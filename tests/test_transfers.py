@@ -500,5 +500,6 @@ async def test_one_renewal_serves_all_refused_parts_even_if_the_key_is_the_same(
     with pytest.raises(ArtifactError) as caught:
         await transfers.download(credentials, ref, info, target)
     assert caught.value.code == "InvalidAccessKeyId"
-    # 4 parts refused side by side, 3 rounds of renewal: one renewal per round, not per part.
+    # 4 parts refused side by side: 3 renewals in a row for the job, not 3 per part; then
+    # every refused part gives up, however their answers interleave.
     assert len(fetched) == 3

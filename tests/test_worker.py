@@ -29,6 +29,7 @@ from tests.conftest import (
     aio_session,
     run_burst,
     running_worker,
+    status_of,
     wait_for,
     worker_config,
 )
@@ -277,7 +278,9 @@ async def test_bad_handlers_become_failed_jobs_with_clear_messages(
     ) == len(CASES)
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
 async def test_a_three_step_continuation_chain(
+    lean: bool,
     emulator: EmulatorProcess,
     admin: AdminClient,
     make_jobs: JobFactory,
@@ -293,7 +296,9 @@ async def test_a_three_step_continuation_chain(
             return Continue(str(step + 1), percent_complete=(step + 1) * 33, summary=f"step {step}")
         return Succeeded("all 3 steps", output_variables={"Steps": "3"})
 
-    config = worker_config(emulator, {"a": action_table(action_type, "echo")})
+    config = worker_config(
+        emulator, {"a": action_table(action_type, "echo")}, api_lean_job_calls=lean
+    )
     async with running_worker(config, handlers={"a": stepper}):
         chain = [first]
 
@@ -315,7 +320,9 @@ async def test_a_three_step_continuation_chain(
     assert payloads[2]["outputVariables"] == {"Steps": "3"}
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
 async def test_third_party_jobs_run_through_the_same_runner(
+    lean: bool,
     emulator: EmulatorProcess,
     admin: AdminClient,
     third_party_action_type: m.ActionTypeId,
@@ -344,6 +351,7 @@ async def test_third_party_jobs_run_through_the_same_runner(
     config = worker_config(
         emulator,
         {"p": action_table(third_party_action_type, "echo", client_tokens_file=str(tokens))},
+        api_lean_job_calls=lean,
     )
     worker = await run_burst(config, handlers={"p": deploy})
     assert targets == ["prod"] * 3
@@ -484,6 +492,39 @@ async def test_work_dir_is_created_or_refused_at_start(
         with pytest.raises(ConfigError, match=r"work_dir = .*work.*: cannot create it"):
             await run_burst(config)
         assert (await admin.job(job_id))["status"] == "Queued"  # nothing was taken
+
+
+async def test_a_jobs_work_dir_is_made_only_when_used_and_removed_after(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "work"
+    before_use: dict[str, list[Path]] = {}
+    made: dict[str, tuple[Path, int, bool]] = {}
+
+    async def handler(job: JobContext) -> Outcome:
+        before_use[job.job_id] = list(work.iterdir())
+        if job.configuration.get("Use") == "yes":
+            path = job.work_dir
+            (job.outputs_dir / "x").mkdir()
+            made[job.job_id] = (path, path.stat().st_mode & 0o777, path.parent == work)
+        return Succeeded("done")
+
+    [idle] = await make_jobs(1, configuration={"Use": "no"})
+    [used] = await make_jobs(1, configuration={"Use": "yes"})
+    config = worker_config(
+        emulator, {"a": action_table(action_type, "echo", slots=1)}, work_dir=str(work)
+    )
+    await run_burst(config, handlers={"a": handler})
+    assert before_use == {idle: [], used: []}  # nothing made before the handler asked
+    path, mode, in_work = made[used]
+    assert (mode, in_work) == (0o700, True)
+    assert not path.exists()  # removed after the job
+    assert list(work.iterdir()) == []
+    assert [await status_of(admin, j) for j in (idle, used)] == ["Succeeded", "Succeeded"]
 
 
 async def test_an_unregistered_action_type_stops_the_worker_at_start(

@@ -211,6 +211,7 @@ class Admin:
             {
                 "jobs": self.store.stats(),
                 "requests": self.api.stats(),
+                "emptyPolls": dict(self.api.empty_polls),
                 "faultsInjected": self.api.faults.injected_stats(),
             }
         )

@@ -58,6 +58,8 @@ class CodePipelineApi:
         self.credential_ttl_s = credential_ttl_s
         self._ttl_overrides: dict[str, float] = {}
         self.requests: Counter[tuple[str, str]] = Counter()
+        # polls answered with no job (a worker's calls at saturation leave these out)
+        self.empty_polls: Counter[str] = Counter()
         self._handlers: dict[str, Handler] = {
             "PollForJobs": self.poll_for_jobs,
             "AcknowledgeJob": self.acknowledge_job,
@@ -157,6 +159,8 @@ class CodePipelineApi:
             third_party=False,
         )
         await self._refresh_at_dispatch(jobs)
+        if not jobs:
+            self.empty_polls["PollForJobs"] += 1
         return {"jobs": [self._job_wire(j, self._issued_nonce(j, "PollForJobs")) for j in jobs]}
 
     async def acknowledge_job(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +232,8 @@ class CodePipelineApi:
             action_key(p["actionTypeId"]), p.get("maxBatchSize", 1), {}, third_party=True
         )
         await self._refresh_at_dispatch(jobs)
+        if not jobs:
+            self.empty_polls["PollForThirdPartyJobs"] += 1
         return {"jobs": [{"clientId": j.client_id, "jobId": j.id} for j in jobs]}
 
     async def acknowledge_third_party_job(self, p: dict[str, Any]) -> dict[str, Any]:
