@@ -126,7 +126,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     worker = Worker(config, burst=args.burst, max_jobs=args.max_jobs, handle_signals=True)
     try:
-        anyio.run(worker.run)
+        anyio.run(worker.run, backend_options=config.backend_options())
     except ExceptionGroup as group:  # a crashed poller: report its error, not the group
         raise first_exception(group) from None
     return 0

@@ -136,6 +136,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     result_deadline_s: float = 120.0
     api_max_attempts: int = 5
     api_lean_job_calls: bool = True
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     bind: str = "0.0.0.0:9464"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -150,6 +151,19 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     unpack_max_files: int = 100_000
     unpack_max_mib: float = 10_240.0
     unpack_max_ratio: float = 200.0
+
+    def backend_options(self) -> dict[str, Any]:
+        """anyio's asyncio backend options for `event_loop` (``auto``: uvloop when installed)."""
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            if self.event_loop == "uvloop":
+                raise ConfigError(
+                    "event_loop = 'uvloop', but uvloop is not installed (it does not run on "
+                    "Windows); install it (`pip install uvloop`) or set event_loop = 'auto'"
+                ) from None
+            return {"use_uvloop": False}
+        return {"use_uvloop": self.event_loop != "asyncio"}
 
     def __post_init__(self) -> None:
         if not self.action_types:

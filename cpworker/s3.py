@@ -221,21 +221,33 @@ class JobCredentials:
         self._refresh_s = refresh_s
         self._on_renewal = on_renewal
         self.renewals = 0
-        self._credentials = _Refreshable.create_from_metadata(
-            metadata=self._metadata(initial),
-            refresh_using=self._refresh,
-            method="codepipeline-job",
-            advisory_timeout=refresh_s / 2,
-            mandatory_timeout=0,
-        )
+        self._initial = initial
+        self._received = datetime.datetime.now(datetime.UTC)  # their lifetime starts here
+        self._made: _Refreshable | None = None
 
-    def _metadata(self, credentials: models.ArtifactCredentials) -> dict[str, str]:
+    @property
+    def _credentials(self) -> _Refreshable:
+        # Made on first use: most jobs never touch S3, and making them parses a timestamp.
+        if self._made is None:
+            self._made = _Refreshable.create_from_metadata(
+                metadata=self._metadata(self._initial, self._received),
+                refresh_using=self._refresh,
+                method="codepipeline-job",
+                advisory_timeout=self._refresh_s / 2,
+                mandatory_timeout=0,
+            )
+        return self._made
+
+    def _metadata(
+        self, credentials: models.ArtifactCredentials, received: datetime.datetime | None = None
+    ) -> dict[str, str]:
+        received = received or datetime.datetime.now(datetime.UTC)
         lifetime = datetime.timedelta(seconds=self._refresh_s * 1.5)
         return {
             "access_key": credentials.access_key_id,
             "secret_key": credentials.secret_access_key,
             "token": credentials.session_token,
-            "expiry_time": (datetime.datetime.now(datetime.UTC) + lifetime).isoformat(),
+            "expiry_time": (received + lifetime).isoformat(),
         }
 
     async def _refresh(self) -> dict[str, str]:

@@ -18,6 +18,7 @@ nothing runs; with `max_jobs=N` it stops after taking N jobs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -116,6 +117,8 @@ class Worker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped; readiness is reported once every poll loop runs."""
+        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+        log.info("event loop: %s", loop, extra={"event": "worker_event_loop"})
         settings = ControlPlaneSettings(
             region=self.config.region,
             endpoint_url=self.config.codepipeline_endpoint_url,

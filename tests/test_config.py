@@ -89,6 +89,20 @@ def test_global_overrides_are_converted_to_the_keys_type() -> None:
     assert (config.region, config.log_level) == ("eu-west-1", "DEBUG")
 
 
+@pytest.mark.parametrize(
+    ("env", "uvloop", "lean"),
+    [
+        ({}, True, True),
+        ({"CPWORKER_EVENT_LOOP": "asyncio", "CPWORKER_API_LEAN_JOB_CALLS": "false"}, False, False),
+        ({"CPWORKER_EVENT_LOOP": "uvloop"}, True, True),
+    ],
+)
+def test_event_loop_and_lean_calls_settings(env: dict[str, str], uvloop: bool, lean: bool) -> None:
+    config = parse_config(_raw(), env)
+    assert config.backend_options() == {"use_uvloop": uvloop}
+    assert config.api_lean_job_calls is lean
+
+
 def test_file_values_win_over_defaults_and_env_wins_over_the_file(tmp_path: Path) -> None:
     path = _write(tmp_path, "max_concurrency = 50\napi_max_attempts = 2\n" + MINIMAL)
     config = load_config(path, env={"CPWORKER_API_MAX_ATTEMPTS": "9"})

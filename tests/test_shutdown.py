@@ -122,6 +122,9 @@ async def test_sigterm_lets_running_jobs_finish_and_polls_no_more(
     assert events.index("worker_draining") < events.index("worker_stopped")
     done = [e for e in logs if e.get("event") == "job_done"]
     assert [e["outcome"] for e in done] == ["succeeded"] * 4
+    # `cpworker run` with event_loop = "auto" runs on uvloop (a dependency off Windows).
+    [loop] = [e for e in logs if e.get("event") == "worker_event_loop"]
+    assert loop["message"] == "event loop: uvloop"
 
 
 async def test_jobs_still_running_after_the_grace_are_reported_failed(
