@@ -91,11 +91,13 @@ MODES: dict[str, dict[str, Any]] = {
         "hb_seq_jobs": 2, "art_jobs": 20, "art_mib": 8, "art_seq_jobs": 5, "art_cli_jobs": 2,
         "big_mib": 64, "idle_s": 8.0, "idle_baseline_s": 3.0, "pickup_jobs": 4,
     },
+    # idle_baseline_s: the sequential baseline sleeps 1 s between empty polls, so a
+    # shorter window could see none.
     "smoke": {
         "latencies_ms": (0, 20), "cp_jobs": 12, "cp_seq_jobs": {0: 3, 20: 3},
         "hb_jobs": 8, "hb_concurrency": 8, "hb_sleep_s": 0.2, "hb_threads_jobs": 4,
         "hb_seq_jobs": 1, "art_jobs": 2, "art_mib": 1, "art_seq_jobs": 1, "art_cli_jobs": 1,
-        "big_mib": 2, "idle_s": 1.0, "idle_baseline_s": 1.0, "pickup_jobs": 2,
+        "big_mib": 2, "idle_s": 1.0, "idle_baseline_s": 2.5, "pickup_jobs": 2,
     },
 }  # fmt: skip
 SCENARIOS = ("control_plane", "handler_bound", "artifacts", "big_artifact", "idle", "pickup")

@@ -31,7 +31,7 @@ from cpworker.models import ActionTypeId
 T = TypeVar("T")
 
 
-MAX_RAW_OBJECT_BYTES = 1024**3
+MAX_RAW_OBJECT_BYTES = 5 * 1024**3  # S3's limit for one PUT
 DEFAULT_KMS_KEY_ID = "alias/aws/s3"  # what S3 uses when a job has no encryption key
 
 
