@@ -6,6 +6,10 @@ off exponentially with full jitter between the action type's floor and ceiling a
 on the first non-empty poll; throttling, 5xx and connection failures back off the same
 way and never fail a job (no job is held while polling). Any other error is fatal: a
 crashed poller stops the worker, which Kubernetes restarts.
+
+While an action type's queue is empty only one of its poll loops polls (`IdleWatch`):
+the others park until a poll of that type finds jobs, so an idle action type costs one
+backing-off loop however many `poll_loops` it has.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from cpworker import models as m
 from cpworker.errors import ServiceError, TransportError
 from cpworker.runner import JobRunner
-from cpworker.slots import Pool, Reservation
+from cpworker.slots import Pool, Reservation, first_of
 
-__all__ = ["Backoff", "JobBudget", "Poller"]
+__all__ = ["Backoff", "IdleWatch", "JobBudget", "Poller"]
 
 log = logging.getLogger("cpworker.poller")
 
@@ -69,6 +73,49 @@ class JobBudget:
         return self.limit is not None and self.taken >= self.limit
 
 
+class IdleWatch:
+    """The poll loops of one action type: while its queue is empty, one loop polls.
+
+    A loop whose poll came back empty becomes the watcher when there is none and backs
+    off as usual; any other loop parks until a poll of the type finds jobs or the worker
+    stops. The watcher hands the watch back when its poll finds jobs, which wakes the
+    parked loops at once, so a burst of jobs gets every loop again.
+    """
+
+    def __init__(self) -> None:
+        self.watcher: object | None = None
+        self.parked = 0
+        self._found = anyio.Event()
+
+    def found_jobs(self, loop: object) -> None:
+        if self.watcher is loop:
+            self.watcher = None
+        if self.parked:
+            self._found.set()
+            self._found = anyio.Event()
+
+    async def wait_empty(self, loop: object, delay_s: float, stopping: anyio.Event) -> None:
+        """After an empty poll: the watcher sleeps `delay_s`, the others until jobs come."""
+        if self.watcher is None:
+            self.watcher = loop
+        if self.watcher is loop:
+            with anyio.move_on_after(delay_s):
+                await stopping.wait()
+            return
+        self.parked += 1
+        try:
+            await first_of(self._found, stopping)
+        finally:
+            self.parked -= 1
+
+    def leave(self, loop: object) -> None:
+        """A loop ends: if it was the watcher, the next empty poll picks another."""
+        if self.watcher is loop:
+            self.watcher = None
+            self._found.set()
+            self._found = anyio.Event()
+
+
 class Poller:
     """One poll loop of one action type (a worker runs `poll_loops` of them per type)."""
 
@@ -80,6 +127,7 @@ class Poller:
         stopping: anyio.Event,
         budget: JobBudget,
         on_empty: Callable[[], None],
+        idle: IdleWatch | None = None,
     ) -> None:
         self.runner = runner
         self.config = runner.config
@@ -88,14 +136,22 @@ class Poller:
         self.stopping = stopping
         self.budget = budget
         self.on_empty = on_empty
+        self.idle = idle or IdleWatch()
         self.last_poll_empty = False
         self.asked_max = 0
+        self.polls = 0
         self._backoff = Backoff(
             self.config.idle_backoff_floor_s, self.config.idle_backoff_ceiling_s
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:
+            await self._loop()
+        finally:
+            self.idle.leave(self)
+
+    async def _loop(self) -> None:
         while not self.stopping.is_set() and not self.budget.spent:
             reservation = await Reservation.take(
                 self.pools, self.config.max_batch_size, self.stopping
@@ -107,16 +163,19 @@ class Poller:
             started = await self._poll_and_start(reservation)
             if started:
                 self._backoff.reset()
-                continue
-            if started == 0:
+                self.idle.found_jobs(self)
+            elif started == 0:
                 self.last_poll_empty = True
                 self.on_empty()
-            await self._pause(self._backoff.next())
+                await self.idle.wait_empty(self, self._backoff.next(), self.stopping)
+            else:
+                await self._pause(self._backoff.next())
 
     async def _poll_and_start(self, reservation: Reservation) -> int | None:
         """Poll for `reservation.count` jobs and start them; None after a retryable error."""
         asked = reservation.count
         self.asked_max = max(self.asked_max, asked)
+        self.polls += 1
         try:
             jobs = await self._poll(asked)
         except (ServiceError, TransportError) as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import anyio
 
-__all__ = ["Pool", "Reservation"]
+__all__ = ["Pool", "Reservation", "first_of"]
 
 
 class Pool:
@@ -85,3 +85,15 @@ class Reservation:
         self.count -= count
         for pool in self._pools:
             pool.give_back(count)
+
+
+async def first_of(*events: anyio.Event) -> None:
+    """Wait until one of `events` is set."""
+    async with anyio.create_task_group() as race:
+
+        async def first(event: anyio.Event) -> None:
+            await event.wait()
+            race.cancel_scope.cancel()
+
+        for event in events:
+            race.start_soon(first, event)

@@ -37,10 +37,10 @@ from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.errors import CpWorkerError, ServiceError
 from cpworker.logs import redactor
 from cpworker.metrics import WorkerMetrics
-from cpworker.poller import JobBudget, Poller
+from cpworker.poller import IdleWatch, JobBudget, Poller
 from cpworker.runner import Handler, JobRunner, RunnerSettings, load_handler
 from cpworker.s3 import S3Settings, SharedS3
-from cpworker.slots import Pool
+from cpworker.slots import Pool, first_of
 from cpworker.transfers import MIB, Transfers, TransferSettings
 
 __all__ = ["Worker"]
@@ -143,9 +143,10 @@ class Worker:
             async with anyio.create_task_group() as polls:
                 for name, runner in runners.items():
                     pools = (self.pools[name], self.process_pool)
+                    watch = IdleWatch()
                     for _ in range(runner.config.poll_loops):
                         poller = Poller(
-                            runner, pools, jobs, self.stopping, self.budget, self._check_done
+                            runner, pools, jobs, self.stopping, self.budget, self._check_done, watch
                         )
                         self.pollers.append(poller)
                         await polls.start(poller.run)
@@ -161,9 +162,9 @@ class Worker:
         Stopped by `max_jobs` or `burst` rather than asked to, jobs run to their end.
         """
         self._check_done()  # nothing may be running any more
-        await _first_of(self._jobs_done, self._asked)
+        await first_of(self._jobs_done, self._asked)
         with anyio.move_on_after(self.config.shutdown_grace_s):
-            await _first_of(self._jobs_done, self._stop_now)
+            await first_of(self._jobs_done, self._stop_now)
         if self.in_flight:
             log.warning(
                 "cancelling %d running jobs; they are reported as failed",
@@ -345,18 +346,6 @@ def _work_root(work_dir: str | None) -> Path:
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"work_dir = {work_dir!r}: the worker may not write there")
     return root
-
-
-async def _first_of(*events: anyio.Event) -> None:
-    """Wait until one of `events` is set."""
-    async with anyio.create_task_group() as race:
-
-        async def first(event: anyio.Event) -> None:
-            await event.wait()
-            race.cancel_scope.cancel()
-
-        for event in events:
-            race.start_soon(first, event)
 
 
 def _mib(value: float) -> int:

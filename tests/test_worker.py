@@ -452,6 +452,52 @@ async def test_max_jobs_stops_after_n_jobs(
     assert worker.state == "stopped"
 
 
+async def test_an_idle_action_type_polls_with_one_loop_until_jobs_wake_them_all(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+) -> None:
+    table = action_table(
+        action_type,
+        "echo",
+        slots=8,
+        max_batch_size=2,
+        poll_loops=4,
+        idle_backoff_floor_s=0.005,
+        idle_backoff_ceiling_s=0.01,
+    )
+    await register(emulator, action_type)
+    worker = Worker(worker_config(emulator, {"a": table}), session=aio_session())
+
+    async def polled(total: int) -> bool:
+        return sum(p.polls for p in worker.pollers) >= total
+
+    async def all_polled_again() -> bool:
+        return all(p.polls >= 2 for p in others)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await wait_for(lambda: polled(30), what="30 empty polls")
+            watch = worker.pollers[0].idle
+            watcher = [p for p in worker.pollers if p is watch.watcher]
+            others = [p for p in worker.pollers if p is not watch.watcher]
+            # One loop kept polling; the other three polled once each, then parked.
+            assert len(watcher) == 1 and watcher[0].polls >= 27
+            assert [p.polls for p in others] == [1, 1, 1] and watch.parked == 3
+            ids = await make_jobs(8, shareCredentials=True)
+            # The poll that found jobs woke every parked loop, and each polled again.
+            await wait_for(all_polled_again, what="the parked loops to poll again")
+            await wait_for(lambda: _all_succeeded(admin, ids), what="the eight jobs to succeed")
+            worker.stop()
+    assert worker.state == "stopped"
+
+
+async def _all_succeeded(admin: AdminClient, ids: list[str]) -> bool:
+    return all(h["status"] == "Succeeded" for h in await histories(admin, ids))
+
+
 async def test_max_jobs_lets_the_last_jobs_run_past_the_shutdown_grace(
     emulator: EmulatorProcess,
     admin: AdminClient,
