@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak bench bench-quick bench-emulator bench-shutdown bench-artifacts bench-s3-client clean
+.PHONY: demo test soak dashboard bench bench-quick bench-emulator bench-shutdown bench-artifacts bench-s3-client clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,9 @@ demo: $(STAMP)
 	$(BIN)/cpworker local
 
 test: $(STAMP)
-	$(BIN)/ruff check cpworker tests benchmarks
-	$(BIN)/ruff format --check cpworker tests benchmarks
+	bash tests/install-debian-tools.sh
+	$(BIN)/ruff check cpworker tests benchmarks grafana
+	$(BIN)/ruff format --check cpworker tests benchmarks grafana
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
@@ -28,6 +29,11 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# The dashboard's panels drawn from a real Prometheus (grafana/dashboard.png).
+dashboard: $(STAMP)
+	bash tests/install-debian-tools.sh
+	$(BIN)/python -m grafana.panels
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --quick

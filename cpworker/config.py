@@ -193,6 +193,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be 0 or more")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s={self.shutdown_grace_s!r}: must be 0 or more")
+        if self.bind:
+            parse_bind(self.bind)
         seen: dict[Any, str] = {}
         for name, t in self.action_types.items():
             route = (t.action_type_id, tuple(t.query_param.items()))
@@ -203,6 +205,18 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                     "query_param; merge them into one table"
                 )
             seen[route] = name
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """``host:port`` (``[::]:9464`` for IPv6) as a pair; ValueError naming the fix."""
+    host, sep, port = bind.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(
+            f"bind={bind!r}: must be host:port with a port from 0 to 65535, e.g. "
+            "'0.0.0.0:9464' or '[::]:9464' (or '' to serve no endpoints)"
+        )
+    return host, int(port)
 
 
 def secret_values(value: Any) -> list[str]:

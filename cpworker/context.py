@@ -165,7 +165,10 @@ class OutputArtifact:
 
 
 class Artifacts(Mapping[str, A], Generic[A]):
-    """Artifacts by name; an unknown name raises `ArtifactError` listing the known ones."""
+    """Artifacts by name; an unknown name raises `ArtifactError` listing the known ones.
+
+    ``name in job.inputs`` and ``job.inputs.get(name)`` ask without failing the job.
+    """
 
     def __init__(self, kind: str, items: dict[str, A]) -> None:
         self._kind = kind
@@ -181,6 +184,12 @@ class Artifacts(Mapping[str, A], Generic[A]):
                 f"{known} (names come from the pipeline's action definition)",
                 failure_type="ConfigurationError",
             ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._items.get(name, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -15,6 +15,7 @@ request id. Connection failures are raised as `TransportError`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from cpworker.lean_calls import (
     LEAN_OPERATIONS,
     TRANSPORT_ERRORS,
     LeanCalls,
+    RequestObserver,
     service_error,
     transport_error,
 )
@@ -68,6 +70,31 @@ class ControlPlaneSettings(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+def _observe_requests(client: Any, observe: RequestObserver) -> None:
+    """Report each HTTP request the aiobotocore client sends (botocore's event hooks)."""
+
+    def created(request: Any, **_: Any) -> None:
+        request.context["cpworker_sent"] = time.perf_counter()
+
+    def answered(
+        request_dict: Any, response: Any, caught_exception: Any, operation: Any, **_: Any
+    ) -> None:
+        sent = request_dict["context"].get("cpworker_sent")
+        if sent is None:
+            return
+        status: int | None = None
+        code: str | None = None
+        if caught_exception is None and response is not None:
+            http, parsed = response
+            status = http.status_code
+            if status >= 300:
+                code = parsed.get("Error", {}).get("Code")
+        observe(operation.name, status, code, time.perf_counter() - sent)
+
+    client.meta.events.register("request-created.codepipeline", created)
+    client.meta.events.register("needs-retry.codepipeline", answered)
+
+
 class ControlPlane:
     """Typed CodePipeline job operations. Build it with `ControlPlane.open(settings)`."""
 
@@ -85,19 +112,28 @@ class ControlPlane:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, settings: ControlPlaneSettings, session: AioSession | None = None
+        cls,
+        settings: ControlPlaneSettings,
+        session: AioSession | None = None,
+        observe: RequestObserver | None = None,
     ) -> AsyncIterator[ControlPlane]:
-        """One long-lived client for the lifetime of the `async with` block."""
+        """One long-lived client for the lifetime of the `async with` block.
+
+        `observe(operation, status, error_code, seconds)` is called after every HTTP
+        request on either path (each retry is one request; status None: no answer).
+        """
         session = session or get_session()
         async with session.create_client(
             "codepipeline",
             endpoint_url=settings.endpoint_url,
             config=settings.client_config(),
         ) as client:
+            if observe is not None:
+                _observe_requests(client, observe)
             lean = None
             credentials = await session.get_credentials()  # the ones the client signs with
             if settings.lean_job_calls and settings.retry_mode == "standard" and credentials:
-                lean = LeanCalls(client, credentials, settings.max_attempts)
+                lean = LeanCalls(client, credentials, settings.max_attempts, observe)
             plane = cls(client, lean)
             try:
                 yield plane

@@ -19,6 +19,8 @@ classes (the retryable conditions, exponential backoff with jitter, the retry qu
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import anyio
@@ -35,7 +37,17 @@ from cpworker import __version__
 from cpworker import models as m
 from cpworker.errors import ServiceError, TransportError, error_for
 
-__all__ = ["LEAN_OPERATIONS", "TRANSPORT_ERRORS", "LeanCalls", "service_error", "transport_error"]
+__all__ = [
+    "LEAN_OPERATIONS",
+    "TRANSPORT_ERRORS",
+    "LeanCalls",
+    "RequestObserver",
+    "service_error",
+    "transport_error",
+]
+
+#: Called after each HTTP request: operation, status (None: no answer), error code, seconds.
+RequestObserver = Callable[[str, "int | None", "str | None", float], None]
 
 #: The operations of the job loop: poll, acknowledge and report, for both kinds of job.
 LEAN_OPERATIONS: Final = frozenset(
@@ -111,8 +123,15 @@ class LeanCalls:
     are the session's (those the client signs with). Build one per `ControlPlane`.
     """
 
-    def __init__(self, client: Any, credentials: Any, max_attempts: int) -> None:
+    def __init__(
+        self,
+        client: Any,
+        credentials: Any,
+        max_attempts: int,
+        observe: RequestObserver | None = None,
+    ) -> None:
         meta = client.meta
+        self._observe = observe
         model = meta.service_model
         self._url = meta.endpoint_url.rstrip("/") + "/"
         self._region: str = meta.region_name
@@ -162,11 +181,14 @@ class LeanCalls:
         context: dict[str, Any] = {}
         attempt = 1
         while True:
+            started = time.perf_counter()
             try:
                 response = await self._send(operation, body)
                 # awaitable in aiobotocore; its stubs type it as bytes
                 content: bytes = await response.content  # type: ignore[misc]
             except TRANSPORT_ERRORS as exc:
+                if self._observe is not None:
+                    self._observe(operation, None, None, time.perf_counter() - started)
                 retry = standard.RetryContext(
                     attempt_number=attempt,
                     operation_model=self._models[operation],
@@ -176,11 +198,15 @@ class LeanCalls:
                 if not self._may_retry(retry):
                     raise transport_error(operation, exc) from None
             else:
-                if response.status_code < 300:
+                status = response.status_code
+                parsed = _parsed_error(status, response.headers, content) if status >= 300 else None
+                if self._observe is not None:
+                    code = parsed["Error"]["Code"] if parsed else None
+                    self._observe(operation, status, code, time.perf_counter() - started)
+                if parsed is None:
                     # botocore passes the request context here (its stubs say RetryContext)
                     self._quota.release_retry_quota(context, response)  # type: ignore[arg-type]
                     return m.decode(operation, content)
-                parsed = _parsed_error(response.status_code, response.headers, content)
                 retry = standard.RetryContext(
                     attempt_number=attempt,
                     operation_model=self._models[operation],

@@ -356,6 +356,7 @@ def worker_config(emulator: EmulatorProcess, concurrency: int) -> WorkerConfig:
         "shutdown_grace_s": 5.0,
         "log_level": "WARNING",
         "log_format": "text",
+        "bind": "127.0.0.1:0",
         "action_types": {"local": table},
     }
     return parse_config(raw, {})

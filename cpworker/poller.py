@@ -140,15 +140,18 @@ class Poller:
         self.last_poll_empty = False
         self.asked_max = 0
         self.polls = 0
+        self.running = False
         self._backoff = Backoff(
             self.config.idle_backoff_floor_s, self.config.idle_backoff_ceiling_s
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.running = True
         task_status.started()
         try:
             await self._loop()
         finally:
+            self.running = False
             self.idle.leave(self)
 
     async def _loop(self) -> None:
@@ -183,7 +186,6 @@ class Poller:
             self.budget.give_back(asked)
             if isinstance(exc, ServiceError) and not exc.retryable:
                 raise
-            self.runner.metrics.call_failed(self._operation, exc)
             log.warning("poll failed, backing off: %s", exc, extra={"event": "poll_retry"})
             return None
         if len(jobs) > asked:

@@ -129,6 +129,14 @@ class JobRunner:
         self.secret_properties = secret_properties
         self.client_tokens = client_tokens
         self.on_done = on_done
+        self.running: dict[str, float] = {}  # job id → monotonic start, oldest first
+        metrics.job_timeout.labels(name).set(config.handler_timeout_s)
+        metrics.job_oldest_age.labels(name).set_function(self._oldest_age)
+
+    def _oldest_age(self) -> float:
+        """Seconds since the oldest running job was acknowledged (0 when none runs)."""
+        oldest = next(iter(self.running.values()), None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     # --- the two flows -----------------------------------------------------------------
 
@@ -245,7 +253,7 @@ class JobRunner:
     async def _execute(
         self, job_id: str, data: m.JobData, reporter: Reporter, fetch: CredentialsFetcher
     ) -> None:
-        started = time.monotonic()
+        started = self.running[job_id] = time.monotonic()
         secrets = self._secrets(data)
         redactor.add(*secrets)
         io = self._artifacts(data, fetch, secrets)
@@ -270,6 +278,7 @@ class JobRunner:
                 if work_dir.made is not None:
                     await anyio.to_thread.run_sync(shutil.rmtree, work_dir.made, True)
             redactor.discard(*secrets)
+            self.running.pop(job_id, None)
 
     def _details_fetcher(self, job_id: str, token: str | None) -> CredentialsFetcher:
         """Fresh artifact credentials from GetJobDetails (or GetThirdPartyJobDetails)."""
@@ -392,6 +401,8 @@ class JobRunner:
         """
         label = _label(outcome)
         fields: dict[str, Any] = {"event": "job_done", "outcome": label, "job_id": job_id}
+        if isinstance(outcome, Failed):
+            fields["error_type"] = outcome.type
         retried: list[bool] = []
         bound = min(SHUTDOWN_REPORT_S, self.settings.result_deadline_s) if shutdown else None
         with anyio.CancelScope(shield=True), anyio.move_on_after(bound or math.inf) as scope:
@@ -438,7 +449,6 @@ class JobRunner:
                 return await call()
             except (ServiceError, TransportError) as exc:
                 retryable = isinstance(exc, TransportError) or exc.retryable
-                self.metrics.call_failed(operation, exc)
                 attempt += 1
                 delay = random.uniform(0, min(5.0, 0.1 * 2**attempt))
                 if not retryable or time.monotonic() + delay > deadline:

@@ -19,11 +19,13 @@ nothing runs; with `max_jobs=N` it stops after taking N jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from anyio.abc import TaskStatus
 from cpworker.artifacts import ArtifactSettings, DiskBudget, UnpackLimits
 from cpworker.config import ConfigError, WorkerConfig, secret_values
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
+from cpworker.endpoints import serve
 from cpworker.errors import CpWorkerError, ServiceError
 from cpworker.logs import redactor
 from cpworker.metrics import WorkerMetrics
@@ -46,6 +49,9 @@ from cpworker.transfers import MIB, Transfers, TransferSettings
 __all__ = ["Worker"]
 
 log = logging.getLogger("cpworker.worker")
+
+HEARTBEAT_S = 1.0
+HEALTH_MAX_LAG_S = 10.0  # /healthz fails once the heartbeat is this late
 
 
 class Worker:
@@ -85,6 +91,9 @@ class Worker:
         self._stop_now = anyio.Event()
         self._asked = anyio.Event()  # stop() was called: running jobs get the grace
         self._jobs_done = anyio.Event()
+        self.metrics.prepare({n: t.owner == "ThirdParty" for n, t in config.action_types.items()})
+        self.address: tuple[str, int] | None = None
+        self._last_beat = 0.0  # monotonic time of the last heartbeat (0: not beating yet)
         self._set_state("starting")
         capacity = min(sum(p.capacity for p in self.pools.values()), config.max_concurrency)
         self.metrics.slot_utilization.set_function(lambda: self.in_flight / capacity)
@@ -113,12 +122,48 @@ class Worker:
     def in_flight(self) -> int:
         return sum(pool.in_use for pool in self.pools.values())
 
+    # --- health ------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        """Liveness: the event loop keeps its heartbeat and the poll loops run."""
+        late = time.monotonic() - self._last_beat - HEARTBEAT_S
+        if self._last_beat and late > HEALTH_MAX_LAG_S:
+            return False, f"event loop blocked: heartbeat {late:.1f} s late"
+        if self.state == "ready" and not self.budget.spent:
+            stopped = sum(1 for poller in self.pollers if not poller.running)
+            if stopped:
+                return False, f"{stopped} of {len(self.pollers)} poll loops stopped"
+        return True, f"ok ({self.state})"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Readiness: polling and not draining (false from the moment stop() is called)."""
+        return self.state == "ready", self.state
+
+    async def _heartbeat(self) -> None:
+        """Tick every `HEARTBEAT_S`; how late a tick runs is the event loop's lag."""
+        self._last_beat = time.monotonic()
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            self.metrics.event_loop_lag.set(max(0.0, now - self._last_beat - HEARTBEAT_S))
+            self._last_beat = now
+
     # --- run ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until stopped; readiness is reported once every poll loop runs."""
+        """Run until stopped; readiness is reported once every poll loop runs.
+
+        The endpoints (`cpworker.endpoints`) serve on `bind` from start to stop; the
+        bound address is in `address`.
+        """
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         log.info("event loop: %s", loop, extra={"event": "worker_event_loop"})
+        async with contextlib.AsyncExitStack() as stack:
+            if self.config.bind:
+                self.address = await stack.enter_async_context(serve(self, self.config.bind))
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         settings = ControlPlaneSettings(
             region=self.config.region,
             endpoint_url=self.config.codepipeline_endpoint_url,
@@ -127,11 +172,12 @@ class Worker:
             pool_size=max(10, min(self.config.max_concurrency, 500)),
         )
         async with (
-            ControlPlane.open(settings, self.session) as cp,
+            ControlPlane.open(settings, self.session, self.metrics.api_request) as cp,
             SharedS3.open(self._s3_settings(), self.session) as s3,
         ):
             runners = await self._runners(cp, s3)
             async with anyio.create_task_group() as outer:
+                outer.start_soon(self._heartbeat)
                 if self.handle_signals:
                     outer.start_soon(self._watch_signals)
                 await self._serve(runners, task_status)

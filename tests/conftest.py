@@ -203,6 +203,14 @@ async def exit_and_stderr(process: Process, timeout_s: float) -> tuple[int, str]
     return code, b"".join(chunks).decode(errors="replace")
 
 
+async def histories(admin: AdminClient, ids: list[str]) -> list[dict[str, Any]]:
+    return [await admin.job(job_id) for job_id in ids]
+
+
+def accepted(history: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in history["results"] if r["outcome"] == "accepted"]
+
+
 async def status_of(admin: AdminClient, job_id: str) -> str:
     job = await admin.job(job_id)
     status: str = job["status"]
@@ -221,10 +229,32 @@ def worker_config(
         "codepipeline_endpoint_url": emulator.codepipeline,
         "s3_endpoint_url": emulator.s3,
         "api_max_attempts": 3,
+        "bind": "127.0.0.1:0",
         "action_types": types,
         **settings,
     }
     return parse_config(raw, {})
+
+
+async def register(emulator: EmulatorProcess, action_type: m.ActionTypeId, *props: Any) -> None:
+    """Register `action_type` with configuration properties (name, secret, queryable)."""
+    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline)
+    async with ControlPlane.open(settings, aio_session()) as cp:
+        await cp.create_custom_action_type(
+            m.CreateCustomActionTypeInput(
+                category=action_type.category,
+                provider=action_type.provider,
+                version=action_type.version,
+                configuration_properties=tuple(
+                    m.ActionConfigurationProperty(
+                        name=name, required=False, key=False, secret=secret, queryable=queryable
+                    )
+                    for name, secret, queryable in props
+                ),
+                input_artifact_details=m.ArtifactDetails(minimum_count=0, maximum_count=5),
+                output_artifact_details=m.ArtifactDetails(minimum_count=0, maximum_count=5),
+            )
+        )
 
 
 def action_table(action_type: m.ActionTypeId, handler: str, **keys: Any) -> dict[str, Any]:

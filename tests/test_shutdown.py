@@ -8,15 +8,24 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 from anyio.abc import Process
 
 from cpworker import models as m
 from cpworker.emulator.client import AdminClient, EmulatorProcess
-from tests.conftest import TEST_KEY_ID, TEST_SECRET, JobFactory, exit_and_stderr, wait_for
+from tests.conftest import (
+    TEST_KEY_ID,
+    TEST_SECRET,
+    JobFactory,
+    exit_and_stderr,
+    register,
+    wait_for,
+)
 
 
 def write_config(
@@ -30,6 +39,7 @@ codepipeline_endpoint_url = "{emulator.codepipeline}"
 s3_endpoint_url = "{emulator.s3}"
 shutdown_grace_s = {grace}
 log_format = "json"
+bind = "127.0.0.1:0"
 
 [action_types.sleepy]
 category = "{action_type.category}"
@@ -184,3 +194,59 @@ async def test_a_second_signal_skips_the_grace(
     assert code == 0
     assert await statuses(admin, ids) == Counter({"Failed": 2})
     assert any(e.get("event") == "shutdown_cancel" for e in logs)
+
+
+async def test_readiness_turns_false_on_sigterm_before_polling_stops(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM: /readyz 503 at once, alive and draining, no poll after; then a clean exit."""
+    await register(emulator, action_type)
+    config = write_config(tmp_path / "w.toml", emulator, action_type, seconds=600, grace=600)
+    process = await start_worker(config)
+    assert process.stderr is not None
+    seen = b""
+    with anyio.fail_after(20):
+        while b"endpoints_listening" not in seen:
+            seen += await process.stderr.receive()
+    [line] = [
+        e for e in map(json.loads, seen.splitlines()) if e.get("event") == "endpoints_listening"
+    ]
+    url = "http://" + line["message"].rsplit(" on ", 1)[1]
+
+    async def answer(path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.get(url + path) as got:
+            return got.status, await got.text()
+
+    async def ready() -> bool:
+        return (await answer("/readyz"))[0] == 200
+
+    await wait_for(ready, what="the worker to be ready")
+    ids = await make_jobs(4, shareCredentials=True)  # the 4 slots fill: no poll is in flight
+    await wait_for(lambda: in_progress(admin, action_type.provider, 4), what="4 jobs running")
+    process.send_signal(signal.SIGTERM)
+    await wait_for(lambda: _not_ready(answer), what="readiness to turn false")
+    assert await answer("/readyz") == (503, "draining\n")
+    assert await answer("/healthz") == (200, "ok (draining)\n")
+    metrics = (await answer("/metrics"))[1]
+    assert 'cpworker_jobs_in_flight{action_type="sleepy"} 4.0' in metrics
+    polls = await poll_count(admin)
+    late = await make_jobs(1, shareCredentials=True)
+    process.send_signal(signal.SIGINT)  # skip the grace: the 4 jobs are cancelled
+    code, _ = await finish(process)
+    assert code == 0
+    assert await poll_count(admin) == polls  # no poll after readiness turned false
+    assert await statuses(admin, late) == Counter({"Queued": 1})
+    assert await statuses(admin, ids) == Counter({"Failed": 4})
+
+
+async def _not_ready(answer: Callable[[str], Awaitable[tuple[int, str]]]) -> bool:
+    status, _ = await answer("/readyz")
+    return status == 503
+
+
+async def poll_count(admin: AdminClient) -> int:
+    return sum((await admin.stats())["requests"]["PollForJobs"].values())

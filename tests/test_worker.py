@@ -18,29 +18,23 @@ import pytest
 from cpworker import models as m
 from cpworker.config import ConfigError
 from cpworker.context import JobContext
-from cpworker.control_plane import ControlPlane, ControlPlaneSettings
 from cpworker.emulator.client import AdminClient, EmulatorProcess
 from cpworker.errors import CpWorkerError
 from cpworker.outcomes import Continue, Failed, Outcome, Succeeded
 from cpworker.worker import ClientTokens, Worker
 from tests.conftest import (
     JobFactory,
+    accepted,
     action_table,
     aio_session,
+    histories,
+    register,
     run_burst,
     running_worker,
     status_of,
     wait_for,
     worker_config,
 )
-
-
-async def histories(admin: AdminClient, ids: list[str]) -> list[dict[str, Any]]:
-    return [await admin.job(job_id) for job_id in ids]
-
-
-def accepted(history: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in history["results"] if r["outcome"] == "accepted"]
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -214,27 +208,6 @@ async def misbehave(job: JobContext) -> Outcome:
     return Succeeded("ok")  # missing_output: the declared output is never produced
 
 
-async def register(emulator: EmulatorProcess, action_type: m.ActionTypeId, *props: Any) -> None:
-    """Register `action_type` with configuration properties (name, secret, queryable)."""
-    settings = ControlPlaneSettings(endpoint_url=emulator.codepipeline)
-    async with ControlPlane.open(settings, aio_session()) as cp:
-        await cp.create_custom_action_type(
-            m.CreateCustomActionTypeInput(
-                category=action_type.category,
-                provider=action_type.provider,
-                version=action_type.version,
-                configuration_properties=tuple(
-                    m.ActionConfigurationProperty(
-                        name=name, required=False, key=False, secret=secret, queryable=queryable
-                    )
-                    for name, secret, queryable in props
-                ),
-                input_artifact_details=m.ArtifactDetails(minimum_count=0, maximum_count=5),
-                output_artifact_details=m.ArtifactDetails(minimum_count=0, maximum_count=5),
-            )
-        )
-
-
 async def test_bad_handlers_become_failed_jobs_with_clear_messages(
     emulator: EmulatorProcess, admin: AdminClient, action_type: m.ActionTypeId
 ) -> None:
@@ -276,6 +249,32 @@ async def test_bad_handlers_become_failed_jobs_with_clear_messages(
     assert worker.metrics.value(
         "cpworker_jobs_completed_total", action_type="a", outcome="failed"
     ) == len(CASES)
+
+
+async def test_a_handler_may_ask_whether_an_artifact_exists(
+    emulator: EmulatorProcess,
+    admin: AdminClient,
+    make_jobs: JobFactory,
+    action_type: m.ActionTypeId,
+) -> None:
+    answers: list[tuple[bool, bool, bool, bool]] = []
+
+    async def ask(job: JobContext) -> Outcome:
+        answers.append(
+            ("In" in job.inputs, "Nope" in job.inputs, "Out" in job.outputs, "In" in job.outputs)
+        )
+        assert job.inputs.get("Nope") is None and job.inputs.get("In") is job.inputs["In"]
+        (job.outputs["Out"].path / "answer.txt").write_text("asked")
+        return Succeeded("asked")
+
+    [job_id] = await make_jobs(
+        inputArtifacts=[{"name": "In", "files": {"a.txt": "x"}}], outputArtifacts=["Out"]
+    )
+    await run_burst(
+        worker_config(emulator, {"a": action_table(action_type, "echo")}), handlers={"a": ask}
+    )
+    assert answers == [(True, False, True, False)]
+    assert (await admin.job(job_id))["status"] == "Succeeded"
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])

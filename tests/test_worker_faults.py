@@ -18,8 +18,7 @@ from cpworker.context import JobContext
 from cpworker.emulator.client import AdminClient, EmulatorProcess
 from cpworker.outcomes import Outcome, Succeeded
 from cpworker.worker import Worker
-from tests.conftest import action_table, aio_session, worker_config
-from tests.test_worker import accepted, histories
+from tests.conftest import accepted, action_table, aio_session, histories, worker_config
 
 
 @pytest.fixture(scope="module")
