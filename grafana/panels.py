@@ -40,7 +40,7 @@ from anyio.abc import Process
 
 from cpworker import models as m
 from cpworker.control_plane import ControlPlane, ControlPlaneSettings
-from cpworker.emulator.client import AdminClient, EmulatorProcess
+from cpworker.emulator.client import AdminClient, EmulatorProcess, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "cpworker.json"
@@ -252,7 +252,7 @@ async def prometheus(target: str, work: Path) -> AsyncIterator[Prometheus]:
             await _wait_ready(session, f"{url}/-/ready", process, work / "prometheus.log")
             yield Prometheus(url, session)
     finally:
-        await _stop(process)
+        await stop_process(process)
 
 
 async def _wait_ready(
@@ -271,17 +271,6 @@ async def _wait_ready(
             except aiohttp.ClientConnectionError:
                 pass
             await anyio.sleep(0.1)
-
-
-async def _stop(process: Process) -> None:
-    with anyio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.terminate()
-            with anyio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
 
 
 # --- the worker under load ----------------------------------------------------------------
@@ -381,7 +370,7 @@ async def demo(work: Path) -> AsyncIterator[Demo]:
             async with prometheus(address, work) as prom:
                 yield Demo(emulator, f"http://{address}", prom, worker, time.time())
         finally:
-            await _stop(worker)
+            await stop_process(worker)
 
 
 async def load(admin: AdminClient, seconds: float, rng: random.Random) -> int:

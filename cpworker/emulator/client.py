@@ -25,7 +25,7 @@ from anyio.abc import Process
 
 from cpworker.emulator import EmulatorError
 
-__all__ = ["AdminClient", "EmulatorError", "EmulatorProcess"]
+__all__ = ["AdminClient", "EmulatorError", "EmulatorProcess", "stop_process"]
 
 
 class AdminClient:
@@ -149,7 +149,7 @@ class EmulatorProcess:
                     admin = AdminClient(endpoints["admin"], http)
                     yield cls(process, endpoints["codepipeline"], endpoints["s3"], admin)
             finally:
-                await _stop(process)
+                await stop_process(process)
 
 
 async def _read_endpoints(process: Process) -> dict[str, str]:
@@ -168,7 +168,8 @@ async def _read_endpoints(process: Process) -> dict[str, str]:
     return endpoints
 
 
-async def _stop(process: Process) -> None:
+async def stop_process(process: Process) -> None:
+    """SIGTERM, then SIGKILL after 10 s; shielded, so it completes under cancellation."""
     with anyio.CancelScope(shield=True):
         if process.returncode is None:
             process.terminate()
