@@ -87,33 +87,35 @@ class IdleWatch:
         self.parked = 0
         self._found = anyio.Event()
 
-    def found_jobs(self, loop: object) -> None:
-        if self.watcher is loop:
-            self.watcher = None
-        if self.parked:
-            self._found.set()
-            self._found = anyio.Event()
-
-    async def wait_empty(self, loop: object, delay_s: float, stopping: anyio.Event) -> None:
-        """After an empty poll: the watcher sleeps `delay_s`, the others until jobs come."""
+    def watches(self, loop: object) -> bool:
+        """After an empty poll: True if `loop` is (now) the watcher, which backs off."""
         if self.watcher is None:
             self.watcher = loop
-        if self.watcher is loop:
-            with anyio.move_on_after(delay_s):
-                await stopping.wait()
-            return
+        return self.watcher is loop
+
+    async def park(self, stopping: anyio.Event) -> None:
+        """Wait until a poll of the type finds jobs, the watcher leaves or `stopping`."""
         self.parked += 1
         try:
             await first_of(self._found, stopping)
         finally:
             self.parked -= 1
 
-    def leave(self, loop: object) -> None:
-        """A loop ends: if it was the watcher, the next empty poll picks another."""
+    def found_jobs(self, loop: object) -> None:
         if self.watcher is loop:
             self.watcher = None
-            self._found.set()
-            self._found = anyio.Event()
+        if self.parked:
+            self._wake()
+
+    def leave(self, loop: object) -> None:
+        """A loop ends: if it was the watcher, the parked loops poll again."""
+        if self.watcher is loop:
+            self.watcher = None
+            self._wake()
+
+    def _wake(self) -> None:
+        self._found.set()
+        self._found = anyio.Event()
 
 
 class Poller:
@@ -170,7 +172,10 @@ class Poller:
             elif started == 0:
                 self.last_poll_empty = True
                 self.on_empty()
-                await self.idle.wait_empty(self, self._backoff.next(), self.stopping)
+                if self.idle.watches(self):
+                    await self._pause(self._backoff.next())
+                else:
+                    await self.idle.park(self.stopping)
             else:
                 await self._pause(self._backoff.next())
 
